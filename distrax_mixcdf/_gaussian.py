@@ -1,0 +1,160 @@
+"""Standard-normal tail numerics that stay exact where `ndtr`/`ndtri` saturate.
+
+Everything here is a small pure function on arrays, written in terms of the
+upper tail ``Q(u) = 1 - Φ(u)`` and the Mills ratio ``R(u) = Q(u) / φ(u)``:
+
+* :func:`log_survival` -- ``log Q(u)`` for every real ``u``;
+* :func:`log_mills_ratio` -- ``log R(u)``, the slope-carrying quantity that stays
+  ``O(log u)`` where ``log Q`` and ``log φ`` are both ``O(u²)``;
+* :func:`ndtri_exp` -- the inverse of ``log Φ``, which neither jax nor TFP ships.
+
+Why the Mills ratio: far in a tail, ``log f(x) - log φ(y)`` subtracts two numbers
+of size ``y²/2`` and keeps only ``eps·y²`` of accuracy. Writing ``φ(y) = Q(y)/R(y)``
+turns every such difference into a ratio of O(1) quantities. The mixture code
+(`_mixture.py`) relies on this; change the thresholds here only together with
+`tests/test_gaussian.py`, which checks them against mpmath.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import erfc, ndtri
+
+__all__ = ["log_mills_ratio", "log_survival", "ndtri_exp"]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+
+# Above this argument the Laplace continued fraction (24 terms) is accurate to
+# < 1e-16 relative (checked against mpmath); below it, `erfc` is used directly,
+# which loses at most eps·u²/2 < 13 eps to cancellation when forming R(u).
+_CONTINUED_FRACTION_START = 5.0
+_CONTINUED_FRACTION_TERMS = 24
+
+# Newton polishing steps in `ndtri_exp`; the start is already good to ~1e-3
+# relative, and convergence is quadratic, so three steps reach float64 round-off.
+_NDTRI_EXP_NEWTON_STEPS = 3
+
+
+def _log_mills_continued_fraction(u: jax.Array) -> jax.Array:
+    """log R(u) from R(u) = 1/(u + 1/(u + 2/(u + 3/(u + ...)))), for u ≥ 5."""
+    denominator = u
+    for k in range(_CONTINUED_FRACTION_TERMS, 0, -1):
+        denominator = u + k / denominator
+    return -jnp.log(denominator)
+
+
+def _log_survival_and_log_mills(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(log Q(u), log R(u))`` sharing one `erfc` / continued fraction."""
+    use_fraction = u >= _CONTINUED_FRACTION_START
+    # Double-where: each branch only ever sees arguments where it is finite, so
+    # the unselected branch cannot inject NaN into gradients.
+    u_fraction = jnp.where(use_fraction, u, _CONTINUED_FRACTION_START)
+    u_direct = jnp.where(use_fraction, 0.0, u)
+    half_u_squared = 0.5 * jnp.square(u)
+
+    log_mills_fraction = _log_mills_continued_fraction(u_fraction)
+    log_survival_direct = jnp.log(0.5 * erfc(u_direct * _INV_SQRT_2))
+
+    log_survival = jnp.where(
+        use_fraction,
+        -half_u_squared - _LOG_SQRT_2PI + log_mills_fraction,
+        log_survival_direct,
+    )
+    log_mills = jnp.where(
+        use_fraction,
+        log_mills_fraction,
+        log_survival_direct + half_u_squared + _LOG_SQRT_2PI,
+    )
+    return log_survival, log_mills
+
+
+def log_survival(u: jax.Array) -> jax.Array:
+    r"""Log of the standard-normal survival function, exact in both tails.
+
+    .. math:: \log Q(u) = \log \int_u^\infty \varphi(t)\,dt
+
+    Args:
+      u: Array of any shape and floating dtype.
+
+    Returns:
+      ``log Q(u)`` with the shape and dtype of ``u``; finite for every finite
+      ``u`` (about ``-u²/2`` for large ``u``, about ``-Q(-u)`` for very negative
+      ``u``).
+    """
+    return _log_survival_and_log_mills(u)[0]
+
+
+def log_mills_ratio(u: jax.Array) -> jax.Array:
+    r"""Log of the Mills ratio of the standard normal.
+
+    .. math:: \log R(u) = \log \frac{Q(u)}{\varphi(u)} \approx -\log u
+       \quad (u \to \infty)
+
+    Computed without forming ``Q`` or ``φ`` separately when ``u ≥ 5``, so it keeps
+    full relative accuracy where both underflow.
+
+    Args:
+      u: Array of any shape and floating dtype.
+
+    Returns:
+      ``log R(u)``, same shape and dtype as ``u``.
+    """
+    return _log_survival_and_log_mills(u)[1]
+
+
+def _upper_tail_quantile(log_tail: jax.Array) -> jax.Array:
+    """u ≥ 0 with log Q(u) = log_tail, for log_tail ≤ log(1/2)."""
+    dtype = log_tail.dtype
+    moderate = log_tail > -20.0
+    # Moderate tails: `ndtri` is accurate there; deep tails: the asymptotic
+    # u² ≈ -2 log Q - log(-2 log Q) - log(2π), from Q(u) ≈ φ(u)/u.
+    safe_moderate = jnp.where(moderate, log_tail, -1.0)
+    safe_deep = jnp.where(moderate, -20.0, log_tail)
+    start_moderate = -ndtri(jnp.exp(safe_moderate))
+    minus_two_log_tail = -2.0 * safe_deep
+    start_deep = jnp.sqrt(
+        minus_two_log_tail - jnp.log(minus_two_log_tail) - 2.0 * _LOG_SQRT_2PI
+    )
+    u = jnp.where(moderate, start_moderate, start_deep).astype(dtype)
+    for _ in range(_NDTRI_EXP_NEWTON_STEPS):
+        # Newton on g(u) = log Q(u) - log_tail, with g'(u) = -1/R(u).
+        log_q, log_mills = _log_survival_and_log_mills(u)
+        u = u + (log_q - log_tail) * jnp.exp(log_mills)
+    return u
+
+
+@jax.custom_jvp
+def ndtri_exp(log_p: jax.Array) -> jax.Array:
+    r"""Inverse of the log standard-normal CDF: ``y`` with ``log Φ(y) = log_p``.
+
+    .. math:: y = \Phi^{-1}(e^{\log p}),\qquad
+       \frac{dy}{d\log p} = \frac{\Phi(y)}{\varphi(y)} = R(-y)
+
+    Exact (to a few ulp) for every ``log_p < 0``, including ``log_p = -1e8``
+    where ``exp(log_p)`` underflows: an asymptotic start polished by Newton steps
+    on :func:`log_survival` (whichever tail is smaller is inverted).
+
+    Args:
+      log_p: Array of log-probabilities, ``log_p ≤ 0``.
+
+    Returns:
+      The standard-normal quantile, same shape and dtype as ``log_p``.
+    """
+    lower_half = log_p <= -math.log(2.0)
+    # For p > 1/2 invert the upper tail: log Q = log(1 - p) = log(-expm1(log p)).
+    safe_upper = jnp.where(lower_half, -1.0, log_p)
+    log_tail = jnp.where(lower_half, log_p, jnp.log(-jnp.expm1(safe_upper)))
+    u = _upper_tail_quantile(log_tail)
+    return jnp.where(lower_half, -u, u)
+
+
+@ndtri_exp.defjvp
+def _ndtri_exp_jvp(primals, tangents):
+    (log_p,) = primals
+    (log_p_dot,) = tangents
+    y = ndtri_exp(log_p)
+    return y, jnp.exp(log_mills_ratio(-y)) * log_p_dot
