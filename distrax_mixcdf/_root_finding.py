@@ -117,7 +117,9 @@ def _uses_table(y: jax.Array, params: Params) -> bool:
 
 def _knot_table(params: Params, options: SolverOptions, dtype):
     """Roots ``x_j`` and slopes ``dx/dy`` at the latent knots, shape ``[..., G]``."""
-    knots = jnp.linspace(-_TABLE_HALF_RANGE, _TABLE_HALF_RANGE, _TABLE_KNOTS, dtype=dtype)
+    knots = jnp.linspace(
+        -_TABLE_HALF_RANGE, _TABLE_HALF_RANGE, _TABLE_KNOTS, dtype=dtype
+    )
     knot_params = tuple(p[..., None, :] for p in params)
     knot_roots, knot_log_det, _ = solve(knots, knot_params, options, use_table=False)
     return knot_roots, jnp.exp(-knot_log_det)
