@@ -156,7 +156,13 @@ class MixtureGaussianCDF(distrax.Bijector):
 
     @classmethod
     def from_data(
-        cls, x: Any, n_components: int, method: str = "quantile", **kwargs
+        cls,
+        x: Any,
+        n_components: int,
+        method: str = "quantile",
+        *,
+        solver_options: dict[str, Any] | None = None,
+        **fit_options,
     ) -> MixtureGaussianCDF:
         """Initialises the mixture from data (a warm start for training).
 
@@ -165,18 +171,21 @@ class MixtureGaussianCDF(distrax.Bijector):
           n_components: The number of components ``K``.
           method: ``"quantile"``, ``"em"`` or ``"kde"``; see
             :func:`distrax_mixcdf.initialization.initial_params`.
-          **kwargs: Options of the fitting method, plus solver options of the
-            bijector (``root_finder``, ``tol``, ``max_iter``, ``inverse_grad``).
+          solver_options: Options of the bijector's inverse (``root_finder``,
+            ``tol``, ``max_iter``, ``inverse_grad``), kept apart from the fit's
+            own ``max_iter``/``tol``.
+          **fit_options: Options of the fitting method (``max_iter``, ``tol``,
+            ``bandwidth``, ``min_scale``).
 
         Returns:
           The bijector with the fitted parameters.
         """
         from distrax_mixcdf.initialization import initial_params
 
-        solver_keys = ("root_finder", "tol", "max_iter", "inverse_grad")
-        options = {k: kwargs.pop(k) for k in solver_keys if k in kwargs}
-        fitted = initial_params(x, n_components, method=method, **kwargs)
-        return cls(fitted.logits, fitted.means, fitted.log_scales, **options)
+        fitted = initial_params(x, n_components, method=method, **fit_options)
+        return cls(
+            fitted.logits, fitted.means, fitted.log_scales, **(solver_options or {})
+        )
 
     def to_tfp(self):
         """This bijector wrapped for TensorFlow Probability (``distrax.to_tfp``).

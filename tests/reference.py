@@ -8,7 +8,7 @@ from __future__ import annotations
 import mpmath as mp
 import numpy as np
 
-mp.mp.dps = 60
+mp.mp.dps = 30
 
 
 def _mixture(params):
@@ -47,6 +47,6 @@ def _normal_quantile(p):
     for _ in range(200):
         step = (mp.log(mp.ncdf(y)) - log_p) * mp.ncdf(y) / mp.npdf(y)
         y -= step
-        if abs(step) < mp.mpf(10) ** (-40) * max(1, abs(y)):
+        if abs(step) < mp.mpf(10) ** (-25) * max(1, abs(y)):
             break
     return y

@@ -1,0 +1,670 @@
+r"""Maximum-likelihood training of flows and distributions built on the bijector.
+
+Two public entry points:
+
+* :func:`normalizing_flow` turns a Gaussianizing bijector (data → latent, like
+  :class:`~distrax_mixcdf.MixtureGaussianCDF`) into a density model
+  ``distrax.Transformed(N(0, I), distrax.Inverse(bijector))``, so that
+  ``log_prob`` runs the cheap closed-form forward and ``sample`` the root find.
+* :func:`fit` minimises the mean negative log-likelihood of any model pytree
+  (a distribution, a bijector or stack of bijectors, or a raw parameter pytree
+  with a custom loss) with optax, with minibatches, validation, early stopping,
+  restore-best and skipping of non-finite steps. It returns a :class:`FitResult`.
+
+How ``fit`` finds the parameters: the model is flattened with
+``jax.tree_util.tree_flatten``; every floating-point array leaf is trained and
+every other leaf (boolean coupling masks, integer arrays) is kept exactly as
+given, and the model is rebuilt from the same treedef inside the loss. This is
+deliberately *not* ``equinox.partition``: distrax's ``Jittable`` classifies
+leaves by value, so replacing leaves by ``None`` changes the pytree metadata and
+the rebuild fails (distrax issue #193). Callables stored on distrax objects
+(conditioners, ``MaskedCoupling``'s bijector factory, equinox modules) are
+static metadata there, so their weights are invisible to ``fit``: hold trainable
+arrays as leaves, or pass a parameter pytree as the model and build the flow
+inside ``loss_fn``.
+
+What you may change: the progress display, the default ``eval_every``, how
+minibatches are drawn, as long as `tests/test_training.py` stays green. Keep the
+leaf rule above, the skip-on-non-finite contract (a skipped step changes neither
+the parameters nor the optimizer state) and the :class:`FitResult` fields: they
+are the public contract.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tensorflow_probability.substrates import jax as tfp
+
+__all__ = ["FitResult", "fit", "normalizing_flow"]
+
+_TFP_BIJECTOR = tfp.bijectors.Bijector
+
+# Minimum seconds between progress-bar refreshes: reading the loss forces a
+# host-device sync, which we do not want on every step.
+_PROGRESS_INTERVAL_S = 0.1
+
+# Module-level, so that `fit` calls without an optimizer share compiled steps.
+_DEFAULT_OPTIMIZER = optax.adam(1e-2)
+
+
+# -- normalizing_flow ----------------------------------------------------------------
+
+
+def _is_bijector(obj: Any) -> bool:
+    return isinstance(obj, (distrax.Bijector, _TFP_BIJECTOR))
+
+
+def _is_bijector_stack(obj: Any) -> bool:
+    return (
+        isinstance(obj, (list, tuple))
+        and len(obj) > 0
+        and all(_is_bijector(b) for b in obj)
+    )
+
+
+def _floating_dtype(tree: Any) -> Any:
+    """The promoted dtype of the floating leaves (the default float if none)."""
+    dtypes = [
+        jnp.asarray(leaf).dtype
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if _is_floating_array(leaf)
+    ]
+    return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
+
+
+def _validated_event_shape(event_shape: Any, argument: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(event_shape)
+        valid = all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+            for n in shape
+        )
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"`{argument}` must be a tuple of positive ints, e.g. () or (D,), "
+            f"got {event_shape!r}."
+        )
+    return tuple(int(n) for n in shape)
+
+
+def _lifted(bijector: distrax.Bijector, rank: int, index: str) -> distrax.Bijector:
+    """Lifts an elementwise bijector to ``rank`` event axes; checks the others."""
+    n_in, n_out = bijector.event_ndims_in, bijector.event_ndims_out
+    if n_in == n_out == 0 and rank > 0:
+        return distrax.Block(bijector, rank)
+    if n_in != rank or n_out != rank:
+        raise ValueError(
+            f"`bijector`{index} acts on events of rank event_ndims_in={n_in}, "
+            f"event_ndims_out={n_out}, which does not fit event_shape of rank "
+            f"{rank}; only elementwise (rank-0) bijectors are lifted with "
+            "`distrax.Block`."
+        )
+    return bijector
+
+
+def normalizing_flow(
+    bijector: Any, event_shape: Sequence[int] = ()
+) -> distrax.Transformed:
+    r"""The density model whose Gaussianizing map (data → latent) is ``bijector``.
+
+    With ``T`` the bijector's forward (``y = T(x)``, data to latent) and a
+    standard-normal base of shape ``event_shape``,
+
+    .. math::
+        \log p(x) = \log \mathcal{N}\big(T(x); 0, I\big)
+            + \log\Big|\det \frac{\partial T}{\partial x}\Big|,
+        \qquad x = T^{-1}(z),\ z \sim \mathcal{N}(0, I).
+
+    This is ``distrax.Transformed(base, distrax.Inverse(bijector))``: distrax
+    samples through the bijector's forward and scores through its inverse, and
+    ``Inverse`` swaps the two, so ``log_prob`` uses the closed-form ``T`` and
+    ``sample`` the root find ``T⁻¹``.
+
+    The base is ``distrax.Normal(0, 1)`` for ``event_shape == ()``,
+    ``distrax.MultivariateNormalDiag`` for ``(D,)`` and an ``Independent``
+    normal for higher ranks, in the bijector's floating dtype. An elementwise
+    bijector (``event_ndims_in == event_ndims_out == 0``) is lifted to the event
+    rank with ``distrax.Block``, so ``[D, K]`` mixture parameters on ``(D,)``
+    events give a joint density with ``log_prob`` of shape ``[N]`` on ``[N, D]``.
+    With ``event_shape == ()`` such parameters are instead a *batch* of ``D``
+    scalar flows (``log_prob`` of shape ``[N, D]``).
+
+    Args:
+      bijector: A distrax or TFP bijector, or a non-empty list/tuple of them,
+        composed as ``distrax.Chain`` (the last element is applied first to
+        data); elementwise members are lifted one by one.
+      event_shape: Shape of one data point, ``()`` or ``(D,)`` (higher ranks
+        work the same way).
+
+    Returns:
+      The ``distrax.Transformed`` distribution.
+
+    Raises:
+      TypeError: If ``bijector`` is not a bijector or a sequence of them.
+      ValueError: If ``event_shape`` is malformed or does not fit the bijector's
+        event rank or parameter shapes.
+    """
+    shape = _validated_event_shape(event_shape, "event_shape")
+    rank = len(shape)
+    if _is_bijector(bijector):
+        flow_bijector = _lifted(distrax.as_bijector(bijector), rank, "")
+    elif _is_bijector_stack(bijector):
+        flow_bijector = distrax.Chain(
+            [
+                _lifted(distrax.as_bijector(b), rank, f"[{i}]")
+                for i, b in enumerate(bijector)
+            ]
+        )
+    else:
+        raise TypeError(
+            "`bijector` must be a distrax or TFP bijector or a non-empty list/tuple "
+            f"of them, got {type(bijector).__name__}."
+        )
+
+    dtype = _floating_dtype(bijector)
+    # Trace the forward once on a placeholder: shape errors surface here with the
+    # arguments' names instead of deep inside log_prob. Tracing is free at run time.
+    try:
+        out = jax.eval_shape(flow_bijector.forward, jax.ShapeDtypeStruct(shape, dtype))
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"`bijector` cannot be applied to events of shape event_shape={shape}"
+            f"{_batch_shape_note(bijector)}: {error}"
+        ) from None
+    if tuple(out.shape[len(out.shape) - rank :]) != shape:
+        raise ValueError(
+            f"`bijector` maps events of shape event_shape={shape} to shape "
+            f"{tuple(out.shape)}, whose trailing axes are not {shape}"
+            f"{_batch_shape_note(bijector)}."
+        )
+
+    zeros, ones = jnp.zeros(shape, dtype), jnp.ones(shape, dtype)
+    if rank == 0:
+        base = distrax.Normal(zeros, ones)
+    elif rank == 1:
+        base = distrax.MultivariateNormalDiag(zeros, ones)
+    else:
+        base = distrax.Independent(distrax.Normal(zeros, ones), rank)
+    return distrax.Transformed(base, distrax.Inverse(flow_bijector))
+
+
+def _batch_shape_note(bijector: Any) -> str:
+    batch_shape = getattr(bijector, "batch_shape", None)
+    if isinstance(batch_shape, tuple):
+        return f" (the bijector's parameter batch shape is {batch_shape})"
+    return ""
+
+
+# -- fit -----------------------------------------------------------------------------
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      model: The trained model, the same type and structure as the ``model``
+        passed in. With validation data (and ``restore_best``), the parameters
+        of the best validation evaluation; otherwise those after the last step.
+      losses: ``np.ndarray [steps_run]``: the training loss of each step's
+        (mini)batch, evaluated *before* that step's update. Skipped steps keep
+        their non-finite value here.
+      val_losses: ``np.ndarray [n_evals]``: validation losses (empty without
+        validation data).
+      val_steps: ``np.ndarray [n_evals]`` of ints: the number of updates done
+        before each validation evaluation (``0`` is the initial model; the last
+        step run is always evaluated).
+      best_step: The step whose parameters ``model`` holds: the entry of
+        ``val_steps`` with the lowest validation loss, or the number of steps
+        run when there is no validation data (or ``restore_best=False``).
+      skipped_steps: How many steps were skipped because the loss, a gradient
+        or an updated parameter was non-finite.
+    """
+
+    model: Any
+    losses: np.ndarray
+    val_losses: np.ndarray
+    val_steps: np.ndarray
+    best_step: int
+    skipped_steps: int
+
+
+def _is_floating_array(leaf: Any) -> bool:
+    # Python floats are not arrays: on distrax objects they are static metadata
+    # anyway, and training them would silently change a leaf's type.
+    return isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(
+        leaf.dtype, jnp.floating
+    )
+
+
+def _leading_size(data: Any, argument: str) -> int:
+    leaves = jax.tree_util.tree_leaves(data)
+    if not leaves:
+        raise ValueError(f"`{argument}` has no arrays.")
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    if any(len(s) == 0 for s in shapes) or len({s[0] for s in shapes}) != 1:
+        raise ValueError(
+            f"`{argument}` must be an array [N, ...] (or a pytree of arrays sharing "
+            f"the leading axis N), got shapes {shapes}."
+        )
+    if shapes[0][0] == 0:
+        raise ValueError(f"`{argument}` is empty (shape {shapes[0]}).")
+    return int(shapes[0][0])
+
+
+def _check_positive_int(value: Any, argument: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{argument}` must be a positive integer, got {value!r}.")
+
+
+@functools.cache
+def _flow_nll(event_shape: tuple[int, ...]) -> Callable[[Any, Any], jax.Array]:
+    # One function object per event shape, so repeated `fit` calls can share the
+    # compiled step (the loss is part of its cache key).
+    def loss(model, batch):
+        log_prob = normalizing_flow(model, event_shape).log_prob(batch)
+        return -jnp.sum(log_prob) / batch.shape[0]
+
+    return loss
+
+
+def _distribution_nll(model: Any, batch: Any) -> jax.Array:
+    return (
+        -jnp.sum(model.log_prob(batch)) / jax.tree_util.tree_leaves(batch)[0].shape[0]
+    )
+
+
+def _default_loss(
+    model: Any, event_shape: tuple[int, ...] | None
+) -> Callable[[Any, Any], jax.Array]:
+    """Mean NLL per example, ``-Σ log p(batch) / B`` (sums any batch/event axes)."""
+    if _is_bijector(model) or _is_bijector_stack(model):
+        if event_shape is None:
+            raise ValueError(
+                "A bijector `model` is trained on `data` given as one array "
+                "[N, ...]; for pytree data, pass a `loss_fn`."
+            )
+        return _flow_nll(event_shape)
+    if callable(getattr(model, "log_prob", None)):
+        return _distribution_nll
+    raise TypeError(
+        "`model` must be a distribution (with `.log_prob`), a bijector or a "
+        "list/tuple of bijectors, or come with a `loss_fn`; got "
+        f"{type(model).__name__}."
+    )
+
+
+def _leaf_key(leaf: Any) -> Any:
+    """A hashable stand-in for a kept (non-trained) leaf, compared by value."""
+    if isinstance(leaf, (jax.Array, np.ndarray)):
+        array = np.asarray(leaf)
+        return ("array", array.shape, array.dtype.str, array.tobytes())
+    hash(leaf)  # raises TypeError for unhashable leaves: no cache key then
+    return leaf
+
+
+class _Spec:
+    """Everything static about one training setup; the jit cache key of a step.
+
+    Two ``fit`` calls with equal specs (same treedef, kept leaves equal by value,
+    same loss and optimizer objects, same batch size) share one compiled step.
+    If some part is unhashable, the spec falls back to identity (no sharing).
+    """
+
+    def __init__(self, treedef, trainable, kept, dtypes, loss_fn, optimizer, batch):
+        self.treedef = treedef
+        self.trainable = trainable  # tuple[bool]: which leaves are parameters
+        self.kept = kept  # the other leaves, exactly as given
+        self.dtypes = dtypes  # the parameters' dtypes
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.batch = batch  # minibatch size, or None for the full batch
+        try:
+            self._key = (
+                treedef,
+                trainable,
+                tuple(_leaf_key(leaf) for leaf in kept),
+                dtypes,
+                loss_fn,
+                optimizer,
+                batch,
+            )
+            self._hash = hash(self._key)
+        except (TypeError, ValueError):
+            self._key, self._hash = None, id(self)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, _Spec) or self._key is None or other._key is None:
+            return False
+        try:
+            return bool(self._key == other._key)
+        except (TypeError, ValueError):  # e.g. array-valued pytree metadata
+            return False
+
+    def rebuild(self, params: Sequence[jax.Array]) -> Any:
+        """The model with ``params`` in the trainable slots."""
+        params, kept = iter(params), iter(self.kept)
+        return jax.tree_util.tree_unflatten(
+            self.treedef, [next(params) if t else next(kept) for t in self.trainable]
+        )
+
+    def loss(self, params: Sequence[jax.Array], batch: Any) -> jax.Array:
+        value = self.loss_fn(self.rebuild(params), batch)
+        if jnp.shape(value) != ():
+            raise ValueError(
+                f"`loss_fn` must return a scalar, got shape {jnp.shape(value)}."
+            )
+        return value
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    # Per-leaf select that keeps the old leaf's dtype, so the carried state has
+    # stable types across steps (one compilation).
+    def select(a, b):
+        b = jnp.asarray(b)
+        return jnp.where(ok, jnp.asarray(a).astype(b.dtype), b)
+
+    return jax.tree_util.tree_map(select, new, old)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train_step(spec: _Spec, params, opt_state, key, skipped, data):
+    """One optimizer step; discards the update if anything is non-finite."""
+    key, subkey = jax.random.split(key)
+    if spec.batch is None:
+        batch = data
+    else:
+        n = jax.tree_util.tree_leaves(data)[0].shape[0]
+        index = jax.random.randint(subkey, (spec.batch,), 0, n)
+        batch = jax.tree_util.tree_map(lambda a: jnp.take(a, index, axis=0), data)
+    value, grads = jax.value_and_grad(spec.loss)(params, batch)
+    updates, new_opt_state = spec.optimizer.update(grads, opt_state, params)
+    new_params = [
+        p.astype(d)
+        for p, d in zip(optax.apply_updates(params, updates), spec.dtypes, strict=True)
+    ]
+    ok = jnp.isfinite(value) & _all_finite(grads) & _all_finite(new_params)
+    params = _keep_if(ok, new_params, params)
+    opt_state = _keep_if(ok, new_opt_state, opt_state)
+    return params, opt_state, key, skipped + (~ok).astype(skipped.dtype), value
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_loss(spec: _Spec, params, data):
+    return spec.loss(params, data)
+
+
+class _NoProgress:
+    """Stands in for the tqdm bar when ``show_progress=False``."""
+
+    def update(self, n: int = 1) -> None:
+        del n
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def close(self) -> None:
+        pass
+
+
+def fit(
+    model: Any,
+    data: Any,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    steps: int = 1000,
+    batch_size: int | None = None,
+    key: jax.Array | None = None,
+    validation_data: Any = None,
+    patience: int | None = None,
+    eval_every: int = 10,
+    loss_fn: Callable[[Any, Any], jax.Array] | None = None,
+    show_progress: bool = True,
+    event_shape: Sequence[int] | None = None,
+    restore_best: bool = True,
+) -> FitResult:
+    r"""Trains ``model`` by maximum likelihood (or any loss) with optax.
+
+    The default loss on a (mini)batch :math:`x_{1..B}` is the mean negative
+    log-likelihood per example,
+
+    .. math::
+        L(\theta) = -\frac{1}{B}\sum_{i=1}^{B} \log p_\theta(x_i),
+
+    where :math:`\log p_\theta(x_i)` is summed over any batch/event axes the
+    model's ``log_prob`` leaves (so a ``distrax.Normal`` with ``[D]`` parameters on
+    ``[N, D]`` data scores the joint of the ``D`` independent dimensions). For a
+    bijector ``T`` (data → latent), :math:`p_\theta` is
+    :func:`normalizing_flow` of it with ``event_shape = data.shape[1:]``.
+
+    Trainable parameters are the floating-point array leaves of
+    ``jax.tree_util.tree_flatten(model)``; every other leaf (boolean masks,
+    integer arrays) is kept unchanged, and the model is rebuilt from the same
+    treedef. Callables stored on distrax objects (conditioners, equinox modules)
+    are static there, so their weights are *not* trained: keep trainable arrays
+    as leaves, or pass a parameter pytree as ``model`` with a ``loss_fn`` that
+    builds the flow from it. Every floating leaf is trained (e.g. the base
+    ``loc``/``scale`` of a ``distrax.Transformed`` model): build constants
+    inside ``loss_fn`` to freeze them. Likewise, objects that cache arrays
+    *derived* from their parameters would have each trained on its own and
+    drift apart (``distrax.ScalarAffine(log_scale=s)`` stores ``exp(s)`` and
+    ``exp(-s)`` as leaves too): build those inside ``loss_fn`` as well.
+    :class:`~distrax_mixcdf.MixtureGaussianCDF` stores only its three raw
+    parameters and is safe. The optimizer sees the trainable leaves as a flat
+    list in ``tree_flatten`` order.
+
+    One step is a single jit-compiled function, compiled once and reused for
+    every step: draw a minibatch (uniformly with replacement, from ``key``),
+    take ``value_and_grad`` of the loss and apply the optax update. Later calls
+    with the same model structure (non-trained leaves equal by value), the same
+    ``loss_fn`` and ``optimizer`` objects (the default ones included) and batch
+    size reuse the compiled step; like ``jax.jit``, a ``loss_fn`` is traced
+    once, so later changes to Python values it closes over are not seen. If
+    the loss, a gradient or an updated parameter is non-finite, the update is
+    discarded: parameters and optimizer state stay as they were, and the step
+    is counted in ``skipped_steps``.
+
+    With ``validation_data``, the loss on all of it (one batch) is evaluated
+    before training and every ``eval_every`` steps (and after the last step);
+    training stops early after ``patience`` evaluations in a row without a
+    strictly lower validation loss, and the parameters of the best evaluation
+    are returned.
+
+    Args:
+      model: A distrax/TFP distribution (anything with ``.log_prob``), a distrax
+        or TFP bijector or list/tuple of them (see :func:`normalizing_flow`), or
+        any pytree when ``loss_fn`` is given.
+      data: Training data ``[N, ...]``, or (with ``loss_fn``) a pytree of arrays
+        sharing the leading axis ``N``.
+      optimizer: An optax transformation; default ``optax.adam(1e-2)``.
+      steps: Maximum number of optimizer steps.
+      batch_size: Minibatch size ``B <= N``; ``None`` uses the full batch every
+        step.
+      key: PRNG key for the minibatches; default ``jax.random.PRNGKey(0)``.
+      validation_data: Held-out data of the same structure as ``data``.
+      patience: Evaluations without improvement before stopping; ``None``
+        never stops early. Needs ``validation_data``.
+      eval_every: Steps between validation evaluations.
+      loss_fn: ``loss_fn(model, batch) -> scalar`` replacing the mean NLL;
+        ``model`` is rebuilt with traced parameters, so it is the same type as
+        the ``model`` passed in.
+      show_progress: Show a tqdm progress bar with the current (and validation)
+        loss; ``False`` prints nothing.
+      event_shape: Event shape of a bijector model's flow; default
+        ``data.shape[1:]``.
+      restore_best: With validation data, return the best-validation parameters
+        (default) rather than the last ones.
+
+    Returns:
+      A :class:`FitResult`.
+
+    Raises:
+      TypeError: If ``model`` has no default loss and ``loss_fn`` is None.
+      ValueError: If an argument is malformed, ``model`` has no floating-point
+        array leaves, or ``loss_fn`` does not return a scalar.
+    """
+    # -- validate -----------------------------------------------------------------
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
+    _check_positive_int(batch_size, "batch_size", allow_none=True)
+    _check_positive_int(eval_every, "eval_every")
+    _check_positive_int(patience, "patience", allow_none=True)
+    if patience is not None and validation_data is None:
+        raise ValueError("`patience` (early stopping) needs `validation_data`.")
+
+    data = jax.tree_util.tree_map(jnp.asarray, data)
+    n = _leading_size(data, "data")
+    if batch_size is not None and batch_size > n:
+        raise ValueError(
+            f"`batch_size` ({batch_size}) exceeds the number of examples N = {n} "
+            f"(data of shape {jax.tree_util.tree_map(jnp.shape, data)})."
+        )
+    full_batch = batch_size is None or batch_size == n
+    if validation_data is not None:
+        validation_data = jax.tree_util.tree_map(jnp.asarray, validation_data)
+        _leading_size(validation_data, "validation_data")
+        data_struct = jax.tree_util.tree_structure(data)
+        if jax.tree_util.tree_structure(validation_data) != data_struct or any(
+            jnp.shape(v)[1:] != jnp.shape(d)[1:]
+            for v, d in zip(
+                jax.tree_util.tree_leaves(validation_data),
+                jax.tree_util.tree_leaves(data),
+                strict=True,
+            )
+        ):
+            raise ValueError(
+                "`validation_data` must match `data` but for the leading axis: got "
+                f"{jax.tree_util.tree_map(jnp.shape, validation_data)} vs "
+                f"{jax.tree_util.tree_map(jnp.shape, data)}."
+            )
+
+    if loss_fn is None:
+        if not isinstance(data, jax.Array):
+            event_shape = None  # a pytree: no flow loss (see _default_loss)
+        elif event_shape is None:
+            event_shape = tuple(data.shape[1:])
+        else:
+            event_shape = _validated_event_shape(event_shape, "event_shape")
+        loss_fn = _default_loss(model, event_shape)
+    optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
+    key = jax.random.PRNGKey(0) if key is None else key
+
+    # -- split the model: floating arrays train, everything else is kept as is ---------
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    trainable = tuple(_is_floating_array(leaf) for leaf in leaves)
+    if not any(trainable):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no floating-point array leaves to "
+            "train (weights held by callables are static; see `fit`'s docstring)."
+        )
+    # Strong-typed copies: a weak-typed leaf (e.g. distrax.Normal(0., 1.)) would
+    # come back strong from the first step and force a second compilation.
+    # (Canonicalise first: float64 NumPy leaves become float32 without x64.)
+    params = [jnp.asarray(leaf) for leaf, t in zip(leaves, trainable, strict=True) if t]
+    params = [jnp.asarray(p, dtype=p.dtype) for p in params]
+    spec = _Spec(
+        treedef,
+        trainable,
+        tuple(leaf for leaf, t in zip(leaves, trainable, strict=True) if not t),
+        tuple(p.dtype for p in params),
+        loss_fn,
+        optimizer,
+        None if full_batch else batch_size,
+    )
+
+    # -- train ---------------------------------------------------------------------
+    opt_state = optimizer.init(params)
+    skipped = jnp.zeros((), jnp.int32)
+    losses: list[jax.Array] = []
+    val_losses: list[float] = []
+    val_steps: list[int] = []
+    best = (np.inf, 0, params)  # (validation loss, step, params)
+    since_best = 0
+
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="fit", dynamic_ncols=True)
+    else:
+        bar = _NoProgress()
+    postfix: dict[str, str] = {}
+    last_refresh = -np.inf
+
+    def refresh(value, force=False):
+        # Reading the loss syncs with the device: only do it every
+        # _PROGRESS_INTERVAL_S seconds (and at the end).
+        nonlocal last_refresh
+        now = time.monotonic()
+        if show_progress and (force or now - last_refresh >= _PROGRESS_INTERVAL_S):
+            last_refresh = now
+            postfix["loss"] = f"{float(value):.4g}"
+            postfix["skipped"] = str(int(skipped))
+            bar.set_postfix(postfix, refresh=True)
+
+    def evaluate(step_count):
+        # Returns whether to stop early.
+        nonlocal best, since_best
+        value = float(_eval_loss(spec, params, validation_data))
+        val_losses.append(value)
+        val_steps.append(step_count)
+        if value < best[0]:  # False for NaN: a non-finite loss never improves
+            best, since_best = (value, step_count, params), 0
+        else:
+            since_best += 1
+        postfix["val"] = f"{value:.4g}"
+        return patience is not None and since_best >= patience
+
+    step_count = 0
+    try:
+        stop = validation_data is not None and evaluate(0)
+        while step_count < steps and not stop:
+            params, opt_state, key, skipped, value = _train_step(
+                spec, params, opt_state, key, skipped, data
+            )
+            losses.append(value)
+            step_count += 1
+            bar.update(1)
+            # Evaluate on the grid and after the last step, so `val_steps` always
+            # ends at the last step run (early stopping only happens on the grid).
+            if validation_data is not None and (
+                step_count % eval_every == 0 or step_count == steps
+            ):
+                stop = evaluate(step_count)
+            refresh(value, force=stop or step_count == steps)
+    finally:
+        bar.close()
+
+    if validation_data is not None and restore_best:
+        best_step, final_params = best[1], best[2]
+    else:
+        best_step, final_params = step_count, params
+    return FitResult(
+        model=spec.rebuild(final_params),
+        losses=np.asarray(jax.device_get(losses), dtype=np.float64).reshape(-1),
+        val_losses=np.asarray(val_losses, dtype=np.float64),
+        val_steps=np.asarray(val_steps, dtype=np.int64),
+        best_step=int(best_step),
+        skipped_steps=int(skipped),
+    )

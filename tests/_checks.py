@@ -1,0 +1,177 @@
+"""Numerical checks shared by the float32 and float64 test modules.
+
+Each check takes the dtype it runs in, so `test_mixture_cdf.py` (float32) and
+`test_mixture_cdf_float64.py` (x64 enabled in that module only) assert the same
+properties with the tolerances of the foundation issue.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.special as sps
+from hypothesis import strategies as st
+
+import reference
+from distrax_mixcdf import MixtureGaussianCDF
+
+TOL = {
+    # (y relative/absolute, log_det relative, round-trip x relative)
+    np.float32: dict(y=2e-5, log_det=1e-4, round_trip=1e-5),
+    np.float64: dict(y=1e-12, log_det=1e-10, round_trip=1e-12),
+}
+
+
+@jax.jit
+def forward(bijector, x):
+    return bijector.forward_and_log_det(x)
+
+
+@jax.jit
+def inverse(bijector, y):
+    return bijector.inverse_and_log_det(y)
+
+
+def make_bijector(logits, means, log_scales, dtype, **options):
+    cast = lambda a: jnp.asarray(np.asarray(a, dtype=np.float64), dtype=dtype)  # noqa: E731
+    return MixtureGaussianCDF(cast(logits), cast(means), cast(log_scales), **options)
+
+
+@st.composite
+def mixtures(draw, max_components=8):
+    """Mixtures inside the issue's envelope: weights ≥ 1e-6, scale ratio ≤ 1e4."""
+    k = draw(st.sampled_from([c for c in (1, 2, 5, 8) if c <= max_components]))
+    floats = lambda lo, hi: st.floats(lo, hi, allow_nan=False, allow_infinity=False)  # noqa: E731
+    logits = draw(st.lists(floats(-3.0, 3.0), min_size=k, max_size=k))
+    log_spread = draw(floats(-2.0, 2.0))
+    log_scales = draw(
+        st.lists(floats(log_spread - 4.6, log_spread + 4.6), min_size=k, max_size=k)
+    )
+    center = draw(floats(-10.0, 10.0))
+    means = draw(st.lists(floats(-5.0, 5.0), min_size=k, max_size=k))
+    means = [center + m * float(np.exp(log_spread)) for m in means]
+    return np.array(logits), np.array(means), np.array(log_scales)
+
+
+def evaluation_grid(params, dtype, size=64, seed=0):
+    """Bulk points, moderate tails and far tails out to |x - μ| = 1e4·σ_max."""
+    _, means, log_scales = params
+    rng = np.random.default_rng(seed)
+    sigma_max = float(np.exp(np.max(log_scales)))
+    center = float(np.mean(means))
+    bulk = center + sigma_max * rng.uniform(-6, 6, size // 2)
+    far = np.sign(rng.normal(size=size - size // 2)) * np.logspace(
+        0.5, 4, size - size // 2
+    )
+    tails = means[rng.integers(len(means), size=far.size)] + far * sigma_max
+    return np.concatenate([bulk, tails]).astype(dtype)
+
+
+def ulp(values, dtype):
+    values = np.abs(np.asarray(values, dtype=dtype))
+    return np.spacing(values).astype(np.float64)
+
+
+def check_forward_against_reference(params, dtype):
+    x = evaluation_grid(params, dtype)
+    bijector = make_bijector(*params, dtype)
+    y, log_det = (np.asarray(v, np.float64) for v in forward(bijector, jnp.asarray(x)))
+    y_ref, log_det_ref = reference.forward(x, params)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(log_det)), "non-finite output"
+    tol = TOL[dtype]
+    y_error = np.abs(y - y_ref) / np.maximum(1.0, np.abs(y_ref))
+    assert y_error.max() <= tol["y"], (y_error.max(), x[y_error.argmax()])
+    eps = float(np.finfo(dtype).eps)
+    allowed = tol["log_det"] * np.maximum(1.0, np.abs(log_det_ref)) + 8 * eps * y_ref**2
+    assert np.all(np.abs(log_det - log_det_ref) <= allowed), (
+        np.max(np.abs(log_det - log_det_ref) - allowed),
+        x[np.argmax(np.abs(log_det - log_det_ref) - allowed)],
+    )
+
+
+def check_monotone(params, dtype):
+    _, means, log_scales = params
+    sigma_max = float(np.exp(np.max(log_scales)))
+    span = 1e4 * sigma_max
+    x = np.sort(
+        np.concatenate(
+            [
+                np.linspace(means.min() - span, means.max() + span, 2001),
+                np.linspace(
+                    means.min() - 10 * sigma_max, means.max() + 10 * sigma_max, 4001
+                ),
+            ]
+        )
+    ).astype(dtype)
+    x = np.unique(x)
+    bijector = make_bijector(*params, dtype)
+    y = np.asarray(forward(bijector, jnp.asarray(x))[0], np.float64)
+    assert np.all(np.isfinite(y))
+    assert np.all(np.diff(y) >= 0), x[np.argmin(np.diff(y))]
+    # Strictly increasing wherever the exact map moves by more than 4 ulps: a
+    # subset, against the float64 mpmath reference (it is slow).
+    idx = np.linspace(0, x.size - 2, 60).astype(int)
+    pairs = np.stack([x[idx], x[idx + 1]], axis=1).ravel()
+    y_ref = reference.forward(pairs, params)[0].reshape(-1, 2)
+    moves = np.abs(y_ref[:, 1] - y_ref[:, 0]) > 4 * ulp(y_ref[:, 0], dtype)
+    assert np.all(y[idx + 1][moves] > y[idx][moves])
+
+
+def check_log_det_matches_autodiff(params, dtype):
+    x = evaluation_grid(params, dtype, size=48, seed=1)
+    bijector = make_bijector(*params, dtype)
+    _, log_det = forward(bijector, jnp.asarray(x))
+    slope = jax.vmap(jax.grad(lambda v: bijector.forward(v)))(jnp.asarray(x))
+    slope, log_det = np.asarray(slope, np.float64), np.asarray(log_det, np.float64)
+    finite = np.isfinite(np.log(slope)) & (slope > 0)
+    assert finite.mean() > 0.5
+    eps = float(np.finfo(dtype).eps)
+    y = np.asarray(bijector.forward(jnp.asarray(x)), np.float64)
+    allowed = 1e3 * eps * np.maximum(1.0, np.abs(log_det)) + 8 * eps * y**2
+    assert np.all(np.abs(np.log(slope[finite]) - log_det[finite]) <= allowed[finite])
+
+
+def resolution_of_y(y, dtype):
+    """r(y) = max(ulp(y), eps·min(Φ(y), 1-Φ(y))/φ(y)), the resolution of y."""
+    eps = float(np.finfo(dtype).eps)
+    mills = np.exp(sps.log_ndtr(-np.abs(y)) - (-0.5 * y**2 - 0.5 * np.log(2 * np.pi)))
+    return np.maximum(ulp(y, dtype), eps * mills)
+
+
+def check_round_trip_from_x(params, dtype):
+    x = evaluation_grid(params, dtype, size=64, seed=2)
+    x = np.concatenate([x, np.linspace(-10, 10, 64).astype(dtype)])
+    bijector = make_bijector(*params, dtype)
+    y, log_det = forward(bijector, jnp.asarray(x))
+    x_back, inverse_log_det = inverse(bijector, y)
+    x_back = np.asarray(x_back, np.float64)
+    y64, log_det64 = np.asarray(y, np.float64), np.asarray(log_det, np.float64)
+    assert np.all(np.isfinite(x_back))
+    allowed = TOL[dtype]["round_trip"] * np.maximum(
+        1.0, np.abs(x)
+    ) + 4 * resolution_of_y(y64, dtype) / np.exp(log_det64)
+    assert np.all(np.abs(x_back - x) <= allowed), np.max(np.abs(x_back - x) / allowed)
+    # The inverse's log-det is minus the forward's at the same point.
+    _, log_det_at_root = forward(bijector, jnp.asarray(x_back, dtype))
+    eps = float(np.finfo(dtype).eps)
+    tol = TOL[dtype]["log_det"] * np.maximum(1.0, np.abs(log_det64)) + 8 * eps * y64**2
+    mismatch = np.abs(np.asarray(inverse_log_det) + np.asarray(log_det_at_root))
+    assert np.all(mismatch <= tol), mismatch.max()
+
+
+def check_round_trip_from_y(params, dtype, y):
+    bijector = make_bijector(*params, dtype)
+    x_hat, _ = inverse(bijector, jnp.asarray(y, dtype))
+    y_back, log_det = forward(bijector, x_hat)
+    x_hat = np.asarray(x_hat, np.float64)
+    assert np.all(np.isfinite(x_hat)), "NaN/inf from a finite input"
+    residual = np.abs(np.asarray(y_back, np.float64) - y)
+    allowed = 4 * ulp(np.maximum(1.0, np.abs(y)), dtype) + 2 * np.exp(
+        np.asarray(log_det, np.float64)
+    ) * ulp(x_hat, dtype)
+    assert np.all(residual <= allowed), (
+        residual.max(),
+        y[np.argmax(residual - allowed)],
+    )
+    return residual

@@ -1,0 +1,306 @@
+"""MixtureGaussianCDF in float32: accuracy, tails, inverse, gradients, shapes.
+
+The float64 counterparts live in `test_mixture_cdf_float64.py` (x64 is enabled
+there only, so it cannot leak into these tests).
+"""
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import _checks
+from distrax_mixcdf import MixtureGaussianCDF
+
+DTYPE = np.float32
+
+
+@given(_checks.mixtures())
+def test_forward_matches_mpmath_reference(params):
+    _checks.check_forward_against_reference(params, DTYPE)
+
+
+@given(_checks.mixtures())
+def test_forward_is_monotone_and_finite_out_to_1e4_sigma(params):
+    _checks.check_monotone(params, DTYPE)
+
+
+@given(_checks.mixtures())
+def test_log_det_matches_autodiff(params):
+    _checks.check_log_det_matches_autodiff(params, DTYPE)
+
+
+@given(_checks.mixtures())
+def test_round_trip_from_data(params):
+    _checks.check_round_trip_from_x(params, DTYPE)
+
+
+@given(_checks.mixtures(), st.integers(0, 2**16))
+def test_round_trip_from_latent(params, seed):
+    y = np.random.default_rng(seed).normal(size=256) * 3
+    y = np.concatenate([y, [-40.0, -12.0, 9.5, 25.0, 0.0]]).astype(DTYPE)
+    _checks.check_round_trip_from_y(params, DTYPE, y)
+
+
+def test_naive_formula_saturates_where_ours_does_not():
+    bijector = MixtureGaussianCDF(jnp.zeros(1), jnp.zeros(1), jnp.zeros(1))
+    x = jnp.array([4.4, 5.4, 9.0, 40.0])
+    y = bijector.forward(x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-6)
+    naive = jax.scipy.special.ndtri(jax.scipy.special.ndtr(x))
+    assert abs(float(naive[0]) - 4.4) > 1e-4
+    assert not np.isfinite(float(naive[2]))
+
+
+def test_k64_mixture_forward_and_round_trip():
+    rng = np.random.default_rng(64)
+    params = (rng.normal(size=64), rng.normal(size=64) * 4, rng.uniform(-2, 2, 64))
+    _checks.check_forward_against_reference(params, DTYPE)
+    _checks.check_round_trip_from_x(params, DTYPE)
+
+
+def test_sampling_direction_one_million_draws():
+    """y ~ N(0, 1): |f(f⁻¹(y)) - y| ≤ 1e-5 and no NaN (the table-started path)."""
+    rng = np.random.default_rng(0)
+    params = (
+        rng.normal(size=8),
+        rng.normal(size=8) * 2,
+        rng.normal(size=8) * 0.3 - 0.5,
+    )
+    y = rng.normal(size=1_000_000).astype(DTYPE)
+    residual = _checks.check_round_trip_from_y(params, DTYPE, y)
+    assert residual.max() <= 1e-5
+
+
+def test_large_batch_with_far_tails_uses_table_and_stays_exact():
+    rng = np.random.default_rng(1)
+    params = (rng.normal(size=5), rng.normal(size=5), rng.normal(size=5) * 0.5)
+    y = np.concatenate([rng.normal(size=20_000) * 4, np.linspace(-60, 60, 241)])
+    _checks.check_round_trip_from_y(params, DTYPE, y.astype(DTYPE))
+
+
+def test_nan_in_nan_out_per_element():
+    bijector = MixtureGaussianCDF(
+        jnp.zeros(3), jnp.array([-1.0, 0.0, 3.0]), jnp.zeros(3)
+    )
+    values = jnp.array([0.5, jnp.nan, -2.0, 1e4])
+    for fn in (bijector.forward_and_log_det, bijector.inverse_and_log_det):
+        out, log_det = fn(values)
+        assert np.isnan(out[1]) and np.isnan(log_det[1])
+        assert np.all(np.isfinite(np.delete(np.asarray(out), 1)))
+        assert np.all(np.isfinite(np.delete(np.asarray(log_det), 1)))
+
+
+def test_no_nan_gradients_anywhere_including_far_tails():
+    bijector = MixtureGaussianCDF(
+        jnp.array([0.3, -1.0, 0.5]),
+        jnp.array([-2.0, 0.0, 5.0]),
+        jnp.array([-1.0, 0.5, 0.0]),
+    )
+    x = jnp.concatenate([jnp.linspace(-3e4, 3e4, 41), jnp.linspace(-30.0, 30.0, 61)])
+
+    def loss(b, values, direction):
+        out, log_det = getattr(b, f"{direction}_and_log_det")(values)
+        return jnp.sum(out) + jnp.sum(log_det)
+
+    for direction in ("forward", "inverse"):
+        grads = jax.grad(loss)(bijector, x, direction)
+        for leaf in jax.tree_util.tree_leaves(grads):
+            assert np.all(np.isfinite(np.asarray(leaf))), direction
+        x_grad = jax.vmap(jax.grad(lambda v: loss(bijector, v, direction)))(x)
+        assert np.all(np.isfinite(np.asarray(x_grad))), direction
+
+
+@pytest.mark.parametrize("root_finder", ["hybrid", "newton", "bisection"])
+def test_every_root_finder_converges(root_finder):
+    params = (np.array([0.0, 0.5]), np.array([-1.5, 2.0]), np.array([-0.5, 0.2]))
+    y = np.linspace(-6, 6, 101).astype(DTYPE)
+    bijector = _checks.make_bijector(*params, DTYPE, root_finder=root_finder)
+    x_hat, _ = bijector.inverse_and_log_det(jnp.asarray(y))
+    y_back = np.asarray(bijector.forward(x_hat), np.float64)
+    assert np.max(np.abs(y_back - y)) <= 4e-6
+
+
+def test_jit_vmap_grad_agree_with_eager():
+    bijector = _checks.make_bijector(
+        np.array([0.0, 1.0, -0.5]),
+        np.array([-1.0, 0.5, 2.0]),
+        np.array([0.0, -0.5, 0.3]),
+        DTYPE,
+    )
+    y = jnp.linspace(-3, 3, 7)
+    eager = bijector.inverse(y)
+    np.testing.assert_allclose(
+        jax.jit(lambda b, v: b.inverse(v))(bijector, y), eager, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        jax.vmap(bijector.inverse)(y), eager, rtol=1e-6, atol=1e-6
+    )
+    grad_batched = jax.grad(lambda v: jnp.sum(bijector.inverse(v)))(y)
+    grad_single = jax.vmap(jax.grad(bijector.inverse))(y)
+    np.testing.assert_allclose(grad_batched, grad_single, rtol=1e-5)
+    # dx/dy = 1 / T'(x)
+    _, log_det = bijector.inverse_and_log_det(y)
+    np.testing.assert_allclose(grad_batched, np.exp(log_det), rtol=1e-5)
+
+
+# The shape combinations of distrax's own RationalQuadraticSpline tests.
+SHAPES = [
+    ((), ()),
+    ((), (5,)),
+    ((5,), ()),
+    ((5,), (5,)),
+    ((3, 5), (5,)),
+    ((5,), (3, 5)),
+    ((1, 5), (3, 5)),
+    ((3, 5), (1, 5)),
+    ((3, 5), (3, 5)),
+]
+
+
+@pytest.mark.parametrize(("param_batch", "input_shape"), SHAPES)
+def test_parameter_and_input_batches_broadcast(param_batch, input_shape):
+    rng = np.random.default_rng(7)
+    k = 4
+    logits, means, log_scales = (rng.normal(size=(*param_batch, k)) for _ in range(3))
+    bijector = _checks.make_bijector(logits, means, log_scales, DTYPE)
+    x = rng.normal(size=input_shape).astype(DTYPE)
+    y, log_det = bijector.forward_and_log_det(x)
+    x_back, inverse_log_det = bijector.inverse_and_log_det(y)
+    batch = np.broadcast_shapes(param_batch, input_shape)
+    assert y.shape == log_det.shape == x_back.shape == inverse_log_det.shape == batch
+    x_full = np.broadcast_to(x, batch)
+    for index in np.ndindex(*batch):
+        p_index = index[len(index) - len(param_batch) :]
+        p_index = tuple(i if s > 1 else 0 for i, s in zip(p_index, param_batch))
+        single = MixtureGaussianCDF(
+            logits[p_index].astype(DTYPE),
+            means[p_index].astype(DTYPE),
+            log_scales[p_index].astype(DTYPE),
+        )
+        y_single, ld_single = single.forward_and_log_det(x_full[index])
+        np.testing.assert_allclose(y[index], y_single, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(log_det[index], ld_single, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(x_back, x_full, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(inverse_log_det, -log_det, rtol=1e-4, atol=1e-4)
+
+
+def test_from_params_is_equivalent_to_the_constructor():
+    rng = np.random.default_rng(3)
+    params = rng.normal(size=(2, 3, 12)).astype(DTYPE)
+    from_params = MixtureGaussianCDF.from_params(params)
+    direct = MixtureGaussianCDF(params[..., :4], params[..., 4:8], params[..., 8:])
+    assert from_params.num_components == 4 and from_params.batch_shape == (2, 3)
+    x = rng.normal(size=(2, 3)).astype(DTYPE)
+    np.testing.assert_array_equal(from_params.forward(x), direct.forward(x))
+    np.testing.assert_array_equal(from_params.inverse(x), direct.inverse(x))
+    assert from_params.same_as(direct)
+
+
+def test_properties_pytree_and_repr():
+    bijector = MixtureGaussianCDF(
+        jnp.array([0.0, jnp.log(3.0)]),
+        jnp.array([-1.0, 1.0]),
+        jnp.log(jnp.array([0.5, 2.0])),
+    )
+    np.testing.assert_allclose(bijector.weights, [0.25, 0.75], rtol=1e-6)
+    np.testing.assert_allclose(bijector.scales, [0.5, 2.0], rtol=1e-6)
+    np.testing.assert_array_equal(bijector.means, [-1.0, 1.0])
+    leaves = jax.tree_util.tree_leaves(bijector)
+    assert len(leaves) == 3 and all(leaf.shape == (2,) for leaf in leaves)
+    assert "num_components=2" in repr(bijector) and "hybrid" in repr(bijector)
+    assert isinstance(bijector, distrax.Bijector)
+    assert bijector.event_ndims_in == bijector.event_ndims_out == 0
+    other = MixtureGaussianCDF(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2))
+    assert not bijector.same_as(other)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            dict(logits=jnp.zeros(3), means=jnp.zeros(2), log_scales=jnp.zeros(3)),
+            ValueError,
+            "same number of components",
+        ),
+        (
+            dict(
+                logits=jnp.zeros(3, jnp.int32),
+                means=jnp.zeros(3),
+                log_scales=jnp.zeros(3),
+            ),
+            TypeError,
+            "`logits` must be a floating",
+        ),
+        (
+            dict(logits=jnp.zeros(()), means=jnp.zeros(()), log_scales=jnp.zeros(())),
+            ValueError,
+            "`logits` must have a trailing",
+        ),
+        (
+            dict(
+                logits=jnp.zeros((2, 3)),
+                means=jnp.zeros((4, 3)),
+                log_scales=jnp.zeros(3),
+            ),
+            ValueError,
+            "do not broadcast",
+        ),
+        (
+            dict(
+                logits=jnp.zeros(3),
+                means=jnp.zeros(3),
+                log_scales=jnp.zeros(3),
+                root_finder="secant",
+            ),
+            ValueError,
+            "root_finder",
+        ),
+        (
+            dict(
+                logits=jnp.zeros(3),
+                means=jnp.zeros(3),
+                log_scales=jnp.zeros(3),
+                inverse_grad="adjoint",
+            ),
+            ValueError,
+            "inverse_grad",
+        ),
+        (
+            dict(
+                logits=jnp.zeros(3),
+                means=jnp.zeros(3),
+                log_scales=jnp.zeros(3),
+                max_iter=0,
+            ),
+            ValueError,
+            "max_iter",
+        ),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MixtureGaussianCDF(**kwargs)
+
+
+def test_bad_from_params_and_input_shapes():
+    with pytest.raises(ValueError, match=r"size 3K.*\(2, 5\)"):
+        MixtureGaussianCDF.from_params(jnp.zeros((2, 5)))
+    bijector = MixtureGaussianCDF(
+        jnp.zeros((3, 2)), jnp.zeros((3, 2)), jnp.zeros((3, 2))
+    )
+    with pytest.raises(ValueError, match=r"`x` of shape \(4,\).*\(3,\)"):
+        bijector.forward(jnp.zeros(4))
+    with pytest.raises(ValueError, match=r"`y` of shape \(4,\)"):
+        bijector.inverse(jnp.zeros(4))
+
+
+def test_integer_inputs_are_promoted_not_truncated():
+    bijector = MixtureGaussianCDF(jnp.zeros(2), jnp.array([0.25, -0.25]), jnp.zeros(2))
+    y_int = bijector.forward(jnp.array([1, 2], jnp.int32))
+    y_float = bijector.forward(jnp.array([1.0, 2.0]))
+    assert y_int.dtype == jnp.float32
+    np.testing.assert_array_equal(y_int, y_float)
