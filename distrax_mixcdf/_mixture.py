@@ -90,7 +90,10 @@ def _bulk_signed_tail(x, params):
         left = z < 0
         lower = lower + weight * jnp.where(left, smaller_tail, 1.0 - smaller_tail)
         upper = upper + weight * jnp.where(left, 1.0 - smaller_tail, smaller_tail)
-    return jnp.where(upper < lower, upper, -lower)
+    # A tail that underflowed to 0 must keep its side's sign: clamp it to the
+    # smallest normal number (far below the bulk's threshold anyway).
+    tiny = jnp.finfo(x.dtype).tiny
+    return jnp.where(upper < lower, jnp.maximum(upper, tiny), -jnp.maximum(lower, tiny))
 
 
 def _latent_from_signed_tail(signed_tail):

@@ -7,9 +7,13 @@ close to linear in both tails, so Newton steps stay well behaved far out.
 * Every solver starts inside the closed-form bracket of `_mixture.cdf_bracket`
   and runs one batch-level ``lax.while_loop`` (no ``vmap`` of a per-element
   loop): the batch stops together once every element has converged.
+* ``"newton"`` takes unsafeguarded Newton steps (for comparison); elements it
+  leaves unconverged after ``max_iter`` are finished by ``"hybrid"``.
 * ``"hybrid"`` (default) is safeguarded Newton: a Newton step is kept only if it
-  lands strictly inside the current bracket and is at most half the bracket;
-  otherwise the bracket is bisected. The bracket shrinks at every evaluation.
+  lands strictly inside the current bracket and is at most half the step
+  before last (Numerical Recipes' rtsafe rule, which also breaks Newton's
+  cycles); otherwise the bracket is bisected. The bracket shrinks at every
+  evaluation.
 * The start: when many inputs share one parameter set (a marginal layer, or a
   ``[D, K]`` layer on ``[N, D]`` inputs), a 512-knot table of roots with cubic
   Hermite interpolation starts Newton within ~1e-6 and tightens the bracket to
@@ -80,6 +84,8 @@ class _State(NamedTuple):
     log_det: jax.Array  # log T'(x), carried to x by the last step's curvature
     lower: jax.Array
     upper: jax.Array
+    last_step: jax.Array
+    step_before_last: jax.Array
     done: jax.Array
 
 
@@ -176,12 +182,18 @@ def _initial_state(
     else:
         x = quantile_average(y, params)
     shape = jnp.broadcast_shapes(x.shape, lower.shape, upper.shape)
+    width = jnp.broadcast_to(upper - lower, shape)
     return _State(
         iteration=jnp.zeros((), jnp.int32),
         x=jnp.broadcast_to(x, shape),
-        log_det=jnp.zeros(shape, y.dtype),
+        # Non-finite y is marked done at once; its log-det must not read as 0.
+        log_det=jnp.where(jnp.isfinite(jnp.broadcast_to(y, shape)), 0.0, jnp.nan).astype(y.dtype),
         lower=jnp.broadcast_to(lower, shape),
         upper=jnp.broadcast_to(upper, shape),
+        # As in Numerical Recipes' rtsafe, the step history starts at the
+        # bracket width, so the first Newton steps are judged by the bracket.
+        last_step=width,
+        step_before_last=width,
         # NaN in, NaN out: a NaN element never converges, so never holds the
         # batch back either.
         done=~jnp.isfinite(jnp.broadcast_to(y, shape)),
@@ -216,16 +228,15 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
             take_newton = jnp.ones_like(state.done)
         else:
             # Keep a Newton step only if it lands strictly inside the bracket and
-            # beats bisection (at most half the bracket). The second test also
-            # breaks Newton's two-cycles: once both points of a cycle have been
-            # evaluated they are the bracket, and the step between them is
-            # rejected. A step already inside the tolerance needs no safeguard
+            # is at most half the step before last (rtsafe's rule): a Newton
+            # sequence that stops contracting, such as a two-cycle, falls back to
+            # bisection. A step already inside the tolerance needs no safeguard
             # (it may round to x itself, which the strict test would reject).
             newton = x + newton_step
             take_newton = close_enough | (
                 (newton > lower)
                 & (newton < upper)
-                & (jnp.abs(newton_step) <= 0.5 * (upper - lower))
+                & (jnp.abs(newton_step) <= 0.5 * jnp.abs(state.step_before_last))
             )
         x_next = jnp.where(take_newton, x + newton_step, midpoint)
         # After a Newton step δ the error left is about |c| δ²/2, c = T''/T'.
@@ -249,6 +260,8 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
         log_det=jnp.where(keep, state.log_det, log_det + curvature * step),
         lower=lower,
         upper=upper,
+        last_step=jnp.where(keep, state.last_step, step),
+        step_before_last=jnp.where(keep, state.step_before_last, state.last_step),
         done=keep | converged,
     )
 
@@ -273,10 +286,18 @@ def solve(
     """
     state = _initial_state(y, params, options, use_table)
 
-    def keep_going(state: _State):
-        return (state.iteration < options.max_iter) & ~jnp.all(state.done)
+    def run(state: _State, options: SolverOptions, max_iter: int) -> _State:
+        def keep_going(state: _State):
+            return (state.iteration < max_iter) & ~jnp.all(state.done)
 
-    state = lax.while_loop(keep_going, lambda s: _step(s, y, params, options), state)
+        return lax.while_loop(keep_going, lambda s: _step(s, y, params, options), state)
+
+    state = run(state, options, options.max_iter)
+    if options.root_finder == "newton":
+        # Plain Newton can cycle or diverge. Never return its last iterate as if
+        # it were a root: elements it left unconverged are finished by the
+        # safeguarded solver inside the bracket Newton kept updating.
+        state = run(state, options._replace(root_finder="hybrid"), 2 * options.max_iter)
     return state.x, state.log_det, state.iteration
 
 

@@ -304,3 +304,17 @@ def test_integer_inputs_are_promoted_not_truncated():
     y_float = bijector.forward(jnp.array([1.0, 2.0]))
     assert y_int.dtype == jnp.float32
     np.testing.assert_array_equal(y_int, y_float)
+
+
+def test_plain_newton_never_returns_an_unconverged_iterate():
+    """Plain Newton cycles on this mixture; the safeguarded finish must catch it."""
+    bijector = MixtureGaussianCDF(
+        jnp.array([0.3, -0.2, 0.5]),
+        jnp.array([-2.0, 0.3, 1.8]),
+        jnp.array([-0.4, 0.1, -0.9]),
+        root_finder="newton",
+    )
+    y = jnp.array([0.5, 1.0])
+    x = bijector.inverse(y)
+    np.testing.assert_allclose(bijector.forward(x), y, atol=1e-6)
+    np.testing.assert_allclose(x, [1.6345799, 1.9732018], rtol=1e-5)
