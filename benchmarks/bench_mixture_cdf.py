@@ -74,12 +74,18 @@ def main():
     log_scales = rng.normal(size=args.k) * 0.3 - 0.5
     weights = np.exp(logits) / np.exp(logits).sum()
     component = rng.choice(args.k, size=args.n, p=weights)
-    x = jnp.asarray(rng.normal(size=args.n) * np.exp(log_scales[component]) + means[component], dtype)
+    x = jnp.asarray(
+        rng.normal(size=args.n) * np.exp(log_scales[component]) + means[component],
+        dtype,
+    )
     y = jnp.asarray(rng.normal(size=args.n), dtype)
 
     def bijector_with(**options):
         return MixtureGaussianCDF(
-            jnp.asarray(logits, dtype), jnp.asarray(means, dtype), jnp.asarray(log_scales, dtype), **options
+            jnp.asarray(logits, dtype),
+            jnp.asarray(means, dtype),
+            jnp.asarray(log_scales, dtype),
+            **options,
         )
 
     bijector = bijector_with()
@@ -109,15 +115,26 @@ def main():
         rows.append((name, seconds, error, note))
 
     y_naive, _ = jax.jit(naive_forward_and_log_det)(x, params)
-    add("naive forward (baseline)", t_naive, note=f"non-finite y: {int(jnp.sum(~jnp.isfinite(y_naive)))}")
+    add(
+        "naive forward (baseline)",
+        t_naive,
+        note=f"non-finite y: {int(jnp.sum(~jnp.isfinite(y_naive)))}",
+    )
     add("forward_and_log_det (ours)", t_forward)
-    add("value_and_grad of forward NLL (ours)", median_time(forward_value_and_grad, bijector, x, repeats=r))
+    add(
+        "value_and_grad of forward NLL (ours)",
+        median_time(forward_value_and_grad, bijector, x, repeats=r),
+    )
     for finder in ("hybrid", "newton", "bisection"):
         b = bijector_with(root_finder=finder)
         t = median_time(inverse, b, y, repeats=r)
         x_hat, _ = inverse(b, y)
         residual = float(jnp.max(jnp.abs(forward(b, x_hat)[0] - y)))
-        label = "inverse_and_log_det (ours, default)" if finder == "hybrid" else f"inverse_and_log_det, root_finder={finder!r}"
+        label = (
+            "inverse_and_log_det (ours, default)"
+            if finder == "hybrid"
+            else f"inverse_and_log_det, root_finder={finder!r}"
+        )
         add(label, t, f"{residual:.1e}")
     t_vg = median_time(inverse_value_and_grad, bijector, y, repeats=r)
     add("value_and_grad through inverse (ours, implicit)", t_vg)
@@ -125,11 +142,25 @@ def main():
     t_bisect = median_time(bisect, y, params, repeats=r)
     x_bisect = bisect(y, params)
     residual = float(jnp.max(jnp.abs(forward(bijector, x_bisect)[0] - y)))
-    add("textbook bisection, 60 steps in [-100, 100] (baseline)", t_bisect, f"{residual:.1e}", "no gradient")
+    add(
+        "textbook bisection, 60 steps in [-100, 100] (baseline)",
+        t_bisect,
+        f"{residual:.1e}",
+        "no gradient",
+    )
 
-    print(f"N = {args.n:.0e} {args.dtype} points, K = {args.k}, median of {r} runs after jit warm-up")
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)\n")
-    print("| operation | ms | × our forward | × naive forward | max abs f(f⁻¹(y)) − y | note |")
+    print(
+        f"N = {args.n:.0e} {args.dtype} points, K = {args.k}, "
+        f"median of {r} runs after jit warm-up"
+    )
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{jax.device_count()} device(s)\n"
+    )
+    print(
+        "| operation | ms | × our forward | × naive forward "
+        "| max abs f(f⁻¹(y)) − y | note |"
+    )
     print("|---|---:|---:|---:|---:|---|")
     for name, seconds, error, note in rows:
         print(

@@ -48,7 +48,7 @@ _NDTRI_EXP_NEWTON_STEPS = 3
 
 
 def _log_mills_asymptotic(u: jax.Array) -> jax.Array:
-    """log R(u) from its asymptotic series in 1/u² (Horner form), for large u."""
+    """Log R(u) from its asymptotic series in 1/u² (Horner form), for large u."""
     inv_u2 = 1.0 / jnp.square(u)
     series = jnp.ones_like(u)
     for n in range(_SERIES_TERMS, 0, -1):
@@ -118,7 +118,7 @@ def log_mills_ratio(u: jax.Array) -> jax.Array:
 
 
 def _upper_tail_quantile(log_tail: jax.Array) -> jax.Array:
-    """u ≥ 0 with log Q(u) = log_tail, for log_tail ≤ log(1/2)."""
+    """U ≥ 0 with log Q(u) = log_tail, for log_tail ≤ log(1/2)."""
     dtype = log_tail.dtype
     moderate = log_tail > -20.0
     # Moderate tails: `ndtri` is accurate there; deep tails: the asymptotic

@@ -107,12 +107,15 @@ def _latent_from_signed_tail(signed_tail):
     # 3 ulps (2e-7 relative, measured), which the inverse's 4-ulp residual
     # budget cannot absorb; after the step y is within ~1 ulp.
     density_at_magnitude = jnp.exp(-0.5 * jnp.square(magnitude)) * _INV_SQRT_2PI
-    magnitude = magnitude + (
-        0.5 * erfc(magnitude * _INV_SQRT_2) - safe_tail
-    ) / density_at_magnitude
+    magnitude = (
+        magnitude
+        + (0.5 * erfc(magnitude * _INV_SQRT_2) - safe_tail) / density_at_magnitude
+    )
     magnitude = jnp.where(in_tail, _Y_SENTINEL, magnitude)
     # NaN stays NaN: only a strictly positive signed tail is the upper side.
-    return jnp.where(signed_tail > 0, magnitude, jnp.where(signed_tail <= 0, -magnitude, signed_tail))
+    return jnp.where(
+        signed_tail > 0, magnitude, jnp.where(signed_tail <= 0, -magnitude, signed_tail)
+    )
 
 
 def _bulk_y(x, params):
@@ -433,7 +436,7 @@ def cdf_bracket(
 def quantile_average(
     y: jax.Array, params: tuple[jax.Array, jax.Array, jax.Array]
 ) -> jax.Array:
-    r"""Starting point ``Σ_k w_k (μ_k + σ_k y)`` for the root find (inside the bracket)."""
+    r"""Start ``Σ_k w_k (μ_k + σ_k y)`` for the root find (inside the bracket)."""
     start = jnp.zeros((), y.dtype)
     for log_weight, mean, log_scale in _components(params):
         start = start + jnp.exp(log_weight) * (mean + jnp.exp(log_scale) * y)

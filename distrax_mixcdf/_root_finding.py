@@ -48,8 +48,8 @@ from distrax_mixcdf._mixture import (
 )
 
 __all__ = [
-    "ROOT_FINDERS",
     "INVERSE_GRADIENTS",
+    "ROOT_FINDERS",
     "SolverOptions",
     "implicit_inverse",
     "inverse_and_log_det",
@@ -76,6 +76,9 @@ class SolverOptions(NamedTuple):
     tol: float | None = None
     max_iter: int = 100
     inverse_grad: str = "implicit"
+
+
+_DEFAULT_OPTIONS = SolverOptions()
 
 
 class _State(NamedTuple):
@@ -106,6 +109,11 @@ def _trusted_step(dtype) -> float:
     return 1e-6 if jnp.dtype(dtype) == jnp.float64 else 1e-4
 
 
+def _inverse_min_variance(params: Params) -> jax.Array:
+    """``1/σ_min²`` per parameter set, the scale on which the curvature varies."""
+    return jnp.exp(-2.0 * jnp.min(params[2], axis=-1))
+
+
 def _tolerance(options: SolverOptions, dtype) -> float:
     eps = float(jnp.finfo(dtype).eps)
     return eps if options.tol is None else float(options.tol)
@@ -132,7 +140,7 @@ def _knot_table(params: Params, options: SolverOptions, dtype):
 
 
 def _lookup(table: jax.Array, knot_index: jax.Array) -> jax.Array:
-    """``table[..., knot_index]`` with ``table``'s batch broadcast, never materialised."""
+    """``table[..., knot_index]``, ``table``'s batch broadcast but not materialised."""
     batch_shape = knot_index.shape
     lead = table.shape[:-1]
     lead = (1,) * (len(batch_shape) - len(lead)) + tuple(lead)
@@ -187,7 +195,9 @@ def _initial_state(
         iteration=jnp.zeros((), jnp.int32),
         x=jnp.broadcast_to(x, shape),
         # Non-finite y is marked done at once; its log-det must not read as 0.
-        log_det=jnp.where(jnp.isfinite(jnp.broadcast_to(y, shape)), 0.0, jnp.nan).astype(y.dtype),
+        log_det=jnp.where(
+            jnp.isfinite(jnp.broadcast_to(y, shape)), 0.0, jnp.nan
+        ).astype(y.dtype),
         lower=jnp.broadcast_to(lower, shape),
         upper=jnp.broadcast_to(upper, shape),
         # As in Numerical Recipes' rtsafe, the step history starts at the
@@ -217,41 +227,56 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
     slope = jnp.exp(log_det)
     # Tolerance in y-space: the y resolution plus x's own resolution through T'.
     y_tol = tol * (jnp.maximum(1.0, jnp.abs(y)) + jnp.abs(x) * slope)
-    close_enough = jnp.abs(residual) <= y_tol
+    # "Close enough" without a step needs half the y resolution: in flat
+    # regions a full-ulp residual can sit far from the root's x-interval.
+    close_enough = jnp.abs(residual) <= y_tol - 0.5 * tol * jnp.maximum(1.0, jnp.abs(y))
     newton_step = -residual / slope
 
     if options.root_finder == "bisection":
-        x_next = jnp.where(close_enough, x, midpoint)
-        converged = close_enough | ((upper - lower) <= 2.0 * tol * jnp.abs(x))
+        x_next = midpoint
+        converged = (upper - lower) <= 2.0 * tol * jnp.abs(x)
     else:
+        newton = x + newton_step
         if options.root_finder == "newton":
             take_newton = jnp.ones_like(state.done)
         else:
             # Keep a Newton step only if it lands strictly inside the bracket and
             # is at most half the step before last (rtsafe's rule): a Newton
             # sequence that stops contracting, such as a two-cycle, falls back to
-            # bisection. A step already inside the tolerance needs no safeguard
-            # (it may round to x itself, which the strict test would reject).
-            newton = x + newton_step
-            take_newton = close_enough | (
+            # bisection.
+            take_newton = (
                 (newton > lower)
                 & (newton < upper)
                 & (jnp.abs(newton_step) <= 0.5 * jnp.abs(state.step_before_last))
             )
-        x_next = jnp.where(take_newton, x + newton_step, midpoint)
-        # After a Newton step δ the error left is about |c| δ²/2, c = T''/T'.
-        # Trusted only for steps already small, which also keeps the log-det
-        # carried along the step by c·δ accurate (its error is ~c'·δ²/2).
-        relative_step = jnp.abs(newton_step) * slope / y_tol * tol
-        predicted_error = 0.5 * jnp.abs(curvature) * jnp.square(newton_step)
-        converged = close_enough | (
+        x_next = jnp.where(take_newton, newton, midpoint)
+        # After a Newton step δ the error left is about |c(ξ)| δ²/2, c = T''/T'
+        # somewhere along the step. c itself varies on the scale of the
+        # narrowest component (|c'| ≲ 1/σ_min²), so bound |c(ξ)| by
+        # |c(x)| + |δ|/σ_min²: at an inflection point c(x) ≈ 0 says nothing.
+        # The log-det is carried along the step as log_det + c·δ, with error
+        # ≲ δ²/(2σ_min²); that must be within tolerance too.
+        step_squared = jnp.square(newton_step)
+        inverse_min_variance = _inverse_min_variance(params)
+        curvature_bound = (
+            jnp.abs(curvature) + jnp.abs(newton_step) * inverse_min_variance
+        )
+        relative_step = jnp.abs(residual) / y_tol * tol
+        converged = (
             take_newton
-            & (predicted_error * slope <= y_tol)
+            & (0.5 * curvature_bound * step_squared * slope <= y_tol)
+            & (
+                0.5 * step_squared * inverse_min_variance
+                <= tol * jnp.maximum(1.0, jnp.abs(log_det))
+            )
             & (relative_step <= _trusted_step(x.dtype))
         )
-    # An exact hit leaves the bracket as it is; stop rather than bisect on.
-    converged = converged | (residual == 0)
-    x_next = jnp.where(residual == 0, x, x_next)
+    # Within tolerance already (or an exact hit): stop here. No further step:
+    # where T' is tiny (between far-apart components) a "tiny" y-residual can
+    # still mean a huge Newton step, and any x in tolerance is a valid root.
+    close_enough = close_enough | (residual == 0)
+    converged = converged | close_enough
+    x_next = jnp.where(close_enough, x, x_next)
     step = x_next - x
     keep = state.done
     return _State(
@@ -269,7 +294,7 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
 def solve(
     y: jax.Array,
     params: Params,
-    options: SolverOptions = SolverOptions(),
+    options: SolverOptions = _DEFAULT_OPTIONS,
     use_table: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Solves ``T(x; params) = y`` for ``x`` without any gradient rule.

@@ -320,7 +320,8 @@ class MixtureGaussianCDF(distrax.Bijector):
         return (
             f"MixtureGaussianCDF(num_components={self.num_components}, "
             f"batch_shape={self.batch_shape}, dtype={self._logits.dtype}, "
-            f"root_finder={options.root_finder!r}, inverse_grad={options.inverse_grad!r}, "
+            f"root_finder={options.root_finder!r}, "
+            f"inverse_grad={options.inverse_grad!r}, "
             f"tol={options.tol}, max_iter={options.max_iter})"
         )
 

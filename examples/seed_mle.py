@@ -35,13 +35,19 @@ def nll(bijector, xb):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=int(os.environ.get("MIXCDF_STEPS", 200)))
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "seed_mle.png"))
+    parser.add_argument(
+        "--steps", type=int, default=int(os.environ.get("MIXCDF_STEPS", 200))
+    )
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "seed_mle.png")
+    )
     args = parser.parse_args()
 
     rng = np.random.default_rng(13)
     x = jnp.asarray(
-        np.concatenate([rng.normal(-2.0, 0.5, 3000), rng.normal(1.5, 0.8, 3000)])[:, None]
+        np.concatenate([rng.normal(-2.0, 0.5, 3000), rng.normal(1.5, 0.8, 3000)])[
+            :, None
+        ]
     )
 
     init = MixtureGaussianCDF.from_data(x[::20], n_components=6)  # under-fit warm start
@@ -53,7 +59,9 @@ def main():
 
     @eqx.filter_jit
     def train_step(params, opt_state):
-        loss, grads = eqx.filter_value_and_grad(lambda p: nll(eqx.combine(p, static), x))(params)
+        loss, grads = eqx.filter_value_and_grad(
+            lambda p: nll(eqx.combine(p, static), x)
+        )(params)
         updates, opt_state = opt.update(grads, opt_state)
         return eqx.apply_updates(params, updates), opt_state, loss
 
@@ -63,7 +71,10 @@ def main():
         losses.append(float(loss))
     trained = eqx.combine(params, static)
     final = float(nll(trained, x))
-    print(f"NLL: {losses[0]:.4f} (init) -> {final:.4f} (trained)   [EM fit: {float(nll(em, x)):.4f}]")
+    print(
+        f"NLL: {losses[0]:.4f} (init) -> {final:.4f} (trained)   "
+        f"[EM fit: {float(nll(em, x)):.4f}]"
+    )
 
     import matplotlib
 
@@ -77,10 +88,29 @@ def main():
         densities[name] = np.exp(np.asarray(jstats.norm.logpdf(z) + log_det)[:, 0])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     axes[0].plot(losses, color="tab:purple", lw=1.8)
-    axes[0].set(title="end-to-end MLE training", xlabel="Adam step", ylabel="negative log-likelihood")
-    axes[1].hist(np.asarray(x)[:, 0], bins=60, density=True, color="tab:blue", alpha=0.5, label="data")
-    axes[1].plot(grid[:, 0], densities["trained (Adam)"], color="tab:red", lw=2, label="trained mixture-CDF density")
-    axes[1].plot(grid[:, 0], densities["EM fit"], color="black", lw=1, ls="--", label="EM fit")
+    axes[0].set(
+        title="end-to-end MLE training",
+        xlabel="Adam step",
+        ylabel="negative log-likelihood",
+    )
+    axes[1].hist(
+        np.asarray(x)[:, 0],
+        bins=60,
+        density=True,
+        color="tab:blue",
+        alpha=0.5,
+        label="data",
+    )
+    axes[1].plot(
+        grid[:, 0],
+        densities["trained (Adam)"],
+        color="tab:red",
+        lw=2,
+        label="trained mixture-CDF density",
+    )
+    axes[1].plot(
+        grid[:, 0], densities["EM fit"], color="black", lw=1, ls="--", label="EM fit"
+    )
     axes[1].set(title="learned marginal density", xlabel="x", ylabel="density")
     axes[1].legend(fontsize=8)
     for ax in axes:

@@ -24,8 +24,12 @@ def forward(x, params):
     ys, log_dets = [], []
     for value in np.asarray(x, dtype=np.float64).ravel():
         xv = mp.mpf(float(value))
-        lower = mp.fsum(w * mp.ncdf((xv - m) / s) for w, m, s in zip(weights, means, scales))
-        upper = mp.fsum(w * mp.ncdf((m - xv) / s) for w, m, s in zip(weights, means, scales))
+        lower = mp.fsum(
+            w * mp.ncdf((xv - m) / s) for w, m, s in zip(weights, means, scales)
+        )
+        upper = mp.fsum(
+            w * mp.ncdf((m - xv) / s) for w, m, s in zip(weights, means, scales)
+        )
         density = mp.fsum(
             w * mp.npdf((xv - m) / s) / s for w, m, s in zip(weights, means, scales)
         )

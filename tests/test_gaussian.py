@@ -52,7 +52,9 @@ TOLERANCE = {np.float32: 2e-6, np.float64: 5e-14}
 
 
 def _relative_error(got, want):
-    return np.max(np.abs(np.asarray(got, np.float64) - want) / np.maximum(1.0, np.abs(want)))
+    return np.max(
+        np.abs(np.asarray(got, np.float64) - want) / np.maximum(1.0, np.abs(want))
+    )
 
 
 def test_log_survival_and_log_mills_ratio_match_mpmath(dtype):
@@ -79,13 +81,17 @@ def test_ndtri_exp_derivative_is_the_mills_ratio(dtype):
     grads = jax.vmap(jax.grad(ndtri_exp))(log_p)
     y = np.array([_quantile_of_log(v) for v in np.asarray(log_p)])
     want = np.array([float(mp.ncdf(v) / mp.npdf(v)) for v in y])
-    np.testing.assert_allclose(np.asarray(grads, np.float64), want, rtol=1e3 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(
+        np.asarray(grads, np.float64), want, rtol=1e3 * np.finfo(dtype).eps
+    )
 
 
 def test_tail_functions_propagate_nan_per_element(dtype):
     u = jnp.asarray(np.array([1.0, np.nan, 40.0]), dtype)
     for fn in (log_survival, log_mills_ratio):
         out = np.asarray(fn(u))
-        assert np.isnan(out[1]) and np.all(np.isfinite(out[[0, 2]]))
+        assert np.isnan(out[1])
+        assert np.all(np.isfinite(out[[0, 2]]))
     out = np.asarray(ndtri_exp(jnp.asarray(np.array([-3.0, np.nan]), dtype)))
-    assert np.isfinite(out[0]) and np.isnan(out[1])
+    assert np.isfinite(out[0])
+    assert np.isnan(out[1])

@@ -4,6 +4,7 @@ The float64 counterparts live in `test_mixture_cdf_float64.py` (x64 is enabled
 there only, so it cannot leak into these tests).
 """
 
+import _checks
 import distrax
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import _checks
 from distrax_mixcdf import MixtureGaussianCDF
 
 DTYPE = np.float32
@@ -89,7 +89,8 @@ def test_nan_in_nan_out_per_element():
     values = jnp.array([0.5, jnp.nan, -2.0, 1e4])
     for fn in (bijector.forward_and_log_det, bijector.inverse_and_log_det):
         out, log_det = fn(values)
-        assert np.isnan(out[1]) and np.isnan(log_det[1])
+        assert np.isnan(out[1])
+        assert np.isnan(log_det[1])
         assert np.all(np.isfinite(np.delete(np.asarray(out), 1)))
         assert np.all(np.isfinite(np.delete(np.asarray(log_det), 1)))
 
@@ -110,7 +111,9 @@ def test_no_nan_gradients_anywhere_including_far_tails():
         grads = jax.grad(loss)(bijector, x, direction)
         for leaf in jax.tree_util.tree_leaves(grads):
             assert np.all(np.isfinite(np.asarray(leaf))), direction
-        x_grad = jax.vmap(jax.grad(lambda v: loss(bijector, v, direction)))(x)
+        x_grad = jax.vmap(
+            jax.grad(lambda v, direction=direction: loss(bijector, v, direction))
+        )(x)
         assert np.all(np.isfinite(np.asarray(x_grad))), direction
 
 
@@ -193,7 +196,8 @@ def test_from_params_is_equivalent_to_the_constructor():
     params = rng.normal(size=(2, 3, 12)).astype(DTYPE)
     from_params = MixtureGaussianCDF.from_params(params)
     direct = MixtureGaussianCDF(params[..., :4], params[..., 4:8], params[..., 8:])
-    assert from_params.num_components == 4 and from_params.batch_shape == (2, 3)
+    assert from_params.num_components == 4
+    assert from_params.batch_shape == (2, 3)
     x = rng.normal(size=(2, 3)).astype(DTYPE)
     np.testing.assert_array_equal(from_params.forward(x), direct.forward(x))
     np.testing.assert_array_equal(from_params.inverse(x), direct.inverse(x))
@@ -210,8 +214,10 @@ def test_properties_pytree_and_repr():
     np.testing.assert_allclose(bijector.scales, [0.5, 2.0], rtol=1e-6)
     np.testing.assert_array_equal(bijector.means, [-1.0, 1.0])
     leaves = jax.tree_util.tree_leaves(bijector)
-    assert len(leaves) == 3 and all(leaf.shape == (2,) for leaf in leaves)
-    assert "num_components=2" in repr(bijector) and "hybrid" in repr(bijector)
+    assert len(leaves) == 3
+    assert all(leaf.shape == (2,) for leaf in leaves)
+    assert "num_components=2" in repr(bijector)
+    assert "hybrid" in repr(bijector)
     assert isinstance(bijector, distrax.Bijector)
     assert bijector.event_ndims_in == bijector.event_ndims_out == 0
     other = MixtureGaussianCDF(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2))

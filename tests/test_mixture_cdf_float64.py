@@ -4,13 +4,13 @@ x64 is switched on for this module only (and restored afterwards), so it does
 not leak into the float32 tests.
 """
 
+import _checks
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
 
-import _checks
 from distrax_mixcdf import MixtureGaussianCDF
 
 DTYPE = np.float64
@@ -47,7 +47,11 @@ def test_round_trip_from_latent(params):
 
 def test_large_batch_round_trip_uses_table():
     rng = np.random.default_rng(11)
-    params = (rng.normal(size=8), rng.normal(size=8) * 2, rng.normal(size=8) * 0.3 - 0.5)
+    params = (
+        rng.normal(size=8),
+        rng.normal(size=8) * 2,
+        rng.normal(size=8) * 0.3 - 0.5,
+    )
     y = np.concatenate([rng.normal(size=20_000), np.linspace(-40, 40, 161)])
     _checks.check_round_trip_from_y(params, DTYPE, y)
 
@@ -89,7 +93,9 @@ def test_inverse_gradients_match_central_differences_to_1e6():
 
         fd = _central_difference(loss_of, params[i])
         np.testing.assert_allclose(np.asarray(grads[0][i]), fd, rtol=1e-6, atol=1e-9)
-    fd_y = _central_difference(lambda v: float(_inverse_loss(params, jnp.asarray(v))), y)
+    fd_y = _central_difference(
+        lambda v: float(_inverse_loss(params, jnp.asarray(v))), y
+    )
     np.testing.assert_allclose(np.asarray(grads[1]), fd_y, rtol=1e-6, atol=1e-9)
 
 
@@ -104,7 +110,10 @@ def test_inverse_hessian_matches_differences_of_the_gradient():
     gradient = jax.grad(loss_of_means)
     fd = np.stack(
         [
-            (np.asarray(gradient(params[1] + e * 1e-5)) - np.asarray(gradient(params[1] - e * 1e-5)))
+            (
+                np.asarray(gradient(params[1] + e * 1e-5))
+                - np.asarray(gradient(params[1] - e * 1e-5))
+            )
             / 2e-5
             for e in np.eye(3)
         ],
@@ -161,5 +170,6 @@ def test_log_det_of_inverse_tail_is_finite_and_consistent():
     y = jnp.array([-38.0, -20.0, 20.0, 38.0, 1e3])
     x, log_det = bijector.inverse_and_log_det(y)
     _, forward_log_det = bijector.forward_and_log_det(x)
-    assert np.all(np.isfinite(np.asarray(x))) and np.all(np.isfinite(np.asarray(log_det)))
+    assert np.all(np.isfinite(np.asarray(x)))
+    assert np.all(np.isfinite(np.asarray(log_det)))
     np.testing.assert_allclose(log_det, -forward_log_det, rtol=1e-10, atol=1e-10)

@@ -1,0 +1,22 @@
+"""The README's usage snippet runs as written and does what it says."""
+
+import pathlib
+import re
+
+import numpy as np
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_usage_snippet_runs_and_round_trips():
+    text = README.read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(snippet, str(README), "exec"), namespace)
+    x, x_back = np.asarray(namespace["x"]), np.asarray(namespace["x_back"])
+    np.testing.assert_allclose(x_back, x, rtol=1e-4, atol=1e-4)
+    assert np.all(np.isfinite(np.asarray(namespace["samples"])))
+    losses = namespace["result"].losses
+    assert losses[-1] < losses[0]
+    grads = namespace["grads"]
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in (grads.means, grads.logits))
