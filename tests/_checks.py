@@ -171,6 +171,11 @@ def check_round_trip_from_y(params, dtype, y):
     allowed = 4 * ulp(np.maximum(1.0, np.abs(y)), dtype) + 2 * np.exp(
         np.asarray(log_det, np.float64)
     ) * ulp(x_hat, dtype)
+    if dtype == np.float64:
+        # The residual is measured with our own forward, whose float64 `y`
+        # carries jax's float64 `erfc` error (up to 7 ulps relative, measured):
+        # up to ~4 more ulps of y that no root can remove.
+        allowed = allowed + 4 * ulp(np.maximum(1.0, np.abs(y)), dtype)
     assert np.all(residual <= allowed), (
         residual.max(),
         y[np.argmax(residual - allowed)],

@@ -1,14 +1,13 @@
-"""Standard-normal tail functions against mpmath, in float32 and float64.
+"""Standard-normal tail functions against mpmath (float32 here).
 
-float64 runs in a subprocess-free way: x64 is enabled only inside the
-`x64` fixture and restored afterwards.
+The `check_*` functions take the dtype; `float64/test_gaussian_float64.py`
+runs them in the x64 process.
 """
 
 import jax
 import jax.numpy as jnp
 import mpmath as mp
 import numpy as np
-import pytest
 
 from distrax_mixcdf import log_mills_ratio, log_survival, ndtri_exp
 
@@ -40,14 +39,6 @@ U = np.concatenate([np.linspace(-30, 30, 241), np.logspace(1, 6, 41)])
 LOG_P = -np.concatenate([np.logspace(-6, 8, 120), np.log([2.0, 4.0, 1.0001])])
 
 
-@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
-def dtype(request):
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", request.param is np.float64)
-    yield request.param
-    jax.config.update("jax_enable_x64", previous)
-
-
 TOLERANCE = {np.float32: 2e-6, np.float64: 5e-14}
 
 
@@ -57,7 +48,7 @@ def _relative_error(got, want):
     )
 
 
-def test_log_survival_and_log_mills_ratio_match_mpmath(dtype):
+def check_log_survival_and_log_mills_ratio(dtype):
     u = U.astype(dtype)
     want_q = np.array([_log_q(v) for v in u])
     want_r = np.array([_log_mills(v) for v in u])
@@ -68,7 +59,7 @@ def test_log_survival_and_log_mills_ratio_match_mpmath(dtype):
     assert _relative_error(log_mills_ratio(jnp.asarray(u)), want_r) <= mills_tolerance
 
 
-def test_ndtri_exp_matches_mpmath_to_the_far_tail(dtype):
+def check_ndtri_exp(dtype):
     log_p = LOG_P.astype(dtype)
     want = np.array([_quantile_of_log(v) for v in log_p])
     got = ndtri_exp(jnp.asarray(log_p))
@@ -76,7 +67,7 @@ def test_ndtri_exp_matches_mpmath_to_the_far_tail(dtype):
     assert _relative_error(got, want) <= TOLERANCE[dtype]
 
 
-def test_ndtri_exp_derivative_is_the_mills_ratio(dtype):
+def check_ndtri_exp_derivative(dtype):
     log_p = jnp.asarray(np.array([-1e6, -300.0, -20.0, -2.0, -0.01]), dtype)
     grads = jax.vmap(jax.grad(ndtri_exp))(log_p)
     y = np.array([_quantile_of_log(v) for v in np.asarray(log_p)])
@@ -86,7 +77,7 @@ def test_ndtri_exp_derivative_is_the_mills_ratio(dtype):
     )
 
 
-def test_tail_functions_propagate_nan_per_element(dtype):
+def check_nan_propagation(dtype):
     u = jnp.asarray(np.array([1.0, np.nan, 40.0]), dtype)
     for fn in (log_survival, log_mills_ratio):
         out = np.asarray(fn(u))
@@ -95,3 +86,19 @@ def test_tail_functions_propagate_nan_per_element(dtype):
     out = np.asarray(ndtri_exp(jnp.asarray(np.array([-3.0, np.nan]), dtype)))
     assert np.isfinite(out[0])
     assert np.isnan(out[1])
+
+
+def test_log_survival_and_log_mills_ratio_match_mpmath():
+    check_log_survival_and_log_mills_ratio(np.float32)
+
+
+def test_ndtri_exp_matches_mpmath_to_the_far_tail():
+    check_ndtri_exp(np.float32)
+
+
+def test_ndtri_exp_derivative_is_the_mills_ratio():
+    check_ndtri_exp_derivative(np.float32)
+
+
+def test_tail_functions_propagate_nan_per_element():
+    check_nan_propagation(np.float32)
