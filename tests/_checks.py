@@ -149,9 +149,19 @@ def check_round_trip_from_x(params, dtype):
     x_back = np.asarray(x_back, np.float64)
     y64, log_det64 = np.asarray(y, np.float64), np.asarray(log_det, np.float64)
     assert np.all(np.isfinite(x_back))
-    allowed = TOL[dtype]["round_trip"] * np.maximum(
-        1.0, np.abs(x)
-    ) + 4 * resolution_of_y(y64, dtype) / np.exp(log_det64)
+    # The bound's conditioning term 4·r(y)/T' linearises T. Between
+    # far-apart components T' changes by orders of magnitude across the
+    # interval of x that one y resolves, so take T' at its smallest of x, x̂
+    # and their midpoint (mean value theorem: Δx = Δy / T'(ξ) for some ξ).
+    midpoint = jnp.asarray(0.5 * (x + x_back), dtype)
+    log_slopes = [
+        log_det64,
+        np.asarray(forward(bijector, jnp.asarray(x_back, dtype))[1], np.float64),
+        np.asarray(forward(bijector, midpoint)[1], np.float64),
+    ]
+    slopes = np.exp(np.minimum.reduce(log_slopes))
+    conditioning = 4 * resolution_of_y(y64, dtype) / slopes
+    allowed = TOL[dtype]["round_trip"] * np.maximum(1.0, np.abs(x)) + conditioning
     assert np.all(np.abs(x_back - x) <= allowed), np.max(np.abs(x_back - x) / allowed)
     # The inverse's log-det is minus the forward's at the same point.
     _, log_det_at_root = forward(bijector, jnp.asarray(x_back, dtype))
