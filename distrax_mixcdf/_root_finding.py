@@ -20,14 +20,16 @@ close to linear in both tails, so Newton steps stay well behaved far out.
   one knot interval; otherwise the weighted component quantile
   ``Σ w_k (μ_k + σ_k y)``.
 * Stopping: after a Newton step δ the remaining error is predicted from the
-  curvature ``c = T''/T'`` as ``|c| δ²/2``, so a converged element needs no
-  extra confirming evaluation.
+  curvature ``c = T''/T'`` as ``(|c| + |δ|/σ_min²) δ²/2``, so a converged element
+  needs no extra confirming evaluation; the log-det is carried along the step.
 * Gradients come from :func:`implicit_inverse`, the only place the implicit
   function theorem is written down. It is a ``jax.custom_jvp``, so forward and
   reverse mode, ``vmap`` and higher derivatives all work.
 
 What you may change: solver heuristics (start, safeguards, stopping), as long
-as `tests/test_inverse.py` and `benchmarks/bench_mixture_cdf.py` stay green.
+as `tests/test_mixture_cdf.py`, `tests/float64/` and
+`benchmarks/bench_mixture_cdf.py` stay green. Keep the gradient rule in
+:func:`implicit_inverse` and nowhere else.
 """
 
 from __future__ import annotations
