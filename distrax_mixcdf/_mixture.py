@@ -33,6 +33,7 @@ reduction over a small minor axis (``shared/reference/numerics.md``).
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +52,14 @@ __all__ = [
     "log_det_slope",
     "naive_forward_and_log_det",
     "quantile_average",
+    "tangent_coefficients",
+    "tangents_at",
 ]
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _smallest_bulk_tail(dtype) -> float:
@@ -324,74 +329,183 @@ def forward_and_log_det(
     return lax.cond(jnp.any(needs_tail), with_tail_pass, bulk_only, None)
 
 
-def _tangent_coefficients(x, params, y):
-    """Per-component pieces of the forward's derivatives, exact in both tails.
+def _bulk_tail_weights(z_list, params, sign, log_density_sum):
+    """``s W_k`` with ``w_k Q(s z_k)`` in linear space (one `erfc` each).
 
-    With ``s = sign(y)`` pointing into the smaller tail, ``u_k = s z_k``:
-    ``π_k ∝ w_k Q(u_k)`` (tail responsibilities), ``h_k = 1/R(u_k)`` (component
-    hazards), ``ρ_k ∝ w_k φ(z_k)/σ_k`` (density responsibilities), all from
-    max-shifted logs, and ``R(|y|)``.
+    Exact while the tail masses are resolved in linear space (the caller checks
+    ``|y|`` and ``log f``). The cap on ``1/f`` keeps an unselected ``vmap``
+    branch free of ``0·inf``, whose NaN would leak into second derivatives.
+    """
+    inv_density = jnp.minimum(
+        _SQRT_2PI * jnp.exp(-log_density_sum), jnp.finfo(sign.dtype).max
+    )
+    # Materialised once, so each component's kernel reads it instead of
+    # recomputing every component's exp (XLA CPU splits multi-output fusions).
+    signed_inv_density = lax.optimization_barrier(sign * inv_density)
+    return [
+        jnp.exp(log_weight) * (0.5 * erfc(sign * z * _INV_SQRT_2)) * signed_inv_density
+        for z, (log_weight, _, _) in zip(z_list, _components(params))
+    ]
+
+
+def _log_space_tail_weights(z_list, params, sign, log_density_sum):
+    """The same ``s W_k`` from log tail masses (any ``|y|``, any ``f``)."""
+    return [
+        sign
+        * jnp.exp(
+            log_weight
+            + _log_survival_and_log_mills(sign * z)[0]
+            - log_density_sum
+            + _LOG_SQRT_2PI
+        )
+        for z, (log_weight, _, _) in zip(z_list, _components(params))
+    ]
+
+
+def tangent_coefficients(x, params, y):
+    r"""Per-component pieces of every first derivative of ``T`` and ``log T'``.
+
+    With ``s = sign(y)`` pointing into the smaller tail and ``z_k = (x-μ_k)/σ_k``:
+
+    .. math::
+        \rho_k = \frac{w_k\varphi(z_k)/\sigma_k}{f(x)}, \qquad
+        W_k = \frac{w_k Q(s z_k)}{f(x)},
+
+    the density responsibilities and the tail mass per unit density. Each is one
+    exponential of a difference of logs against the exact ``log f`` (a
+    max-shifted logsumexp), so both stay exact where ``f`` or the tail masses
+    underflow.
+
+    Cost is what makes reverse mode fast: each per-component array is its own
+    elementwise kernel reading the per-element ``log f``, which is materialised
+    once, because XLA's CPU backend splits multi-output fusions and would
+    otherwise recompute every component's `exp` for every output. ``ρ`` costs one
+    `exp` per component and ``W`` one `erfc` per component in the bulk; the
+    log-space tail functions run only when some ``|y|`` lies beyond the bulk or
+    ``f`` underflows (one batch-level ``lax.cond``; both branches are plain
+    elementwise code, so derivatives of any order, forward or reverse, go
+    through it).
+
+    Args:
+      x: Points of the forward map.
+      params: ``(log_weights, means, log_scales)``, each ``[..., K]``, log weights
+        normalised.
+      y: ``T(x)`` (the forward's output, or the inverse's input at its root).
+
+    Returns:
+      ``(z, s·W, ρ)``, each a list over ``k``.
     """
     sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
-    z_list, log_mass, log_density, log_mills_list = [], [], [], []
+    z_list, log_density = [], []
     for log_weight, mean, log_scale in _components(params):
         z = (x - mean) * jnp.exp(-log_scale)
-        log_q, log_mills = _log_survival_and_log_mills(sign * z)
         z_list.append(z)
-        log_mass.append(log_weight + log_q)
         log_density.append(log_weight - log_scale - 0.5 * jnp.square(z))
-        log_mills_list.append(log_mills)
+    # log f(x) (up to the 1/sqrt(2 pi) of φ) by a max-shifted logsumexp.
+    shift = _max_of(log_density)
+    total = jnp.zeros((), x.dtype)
+    for term in log_density:
+        total = total + jnp.exp(term - shift)
+    log_density_sum = lax.optimization_barrier(shift + jnp.log(total))
+    density_resp = [jnp.exp(term - log_density_sum) for term in log_density]
+    # Beyond this |y| the smaller tail mass is below the bulk's resolution; below
+    # this log f, 1/f overflows.
+    bulk_limit = -NormalDist().inv_cdf(_smallest_bulk_tail(x.dtype))
+    smallest_log_density = math.log(jnp.finfo(x.dtype).tiny) + 8.0
+    outside_bulk = (jnp.abs(y) > bulk_limit) | (log_density_sum < smallest_log_density)
+    signed_tail_weights = lax.cond(
+        jnp.any(outside_bulk),
+        _log_space_tail_weights,
+        _bulk_tail_weights,
+        z_list,
+        params,
+        sign,
+        log_density_sum,
+    )
+    # Materialised: otherwise XLA re-fuses each coefficient's exp/erfc into every
+    # reduction of the backward pass that reads it.
+    return lax.optimization_barrier((z_list, signed_tail_weights, density_resp))
 
-    def normalised(terms):
-        shift = _max_of(terms)
-        total = jnp.zeros((), x.dtype)
-        for term in terms:
-            total = total + jnp.exp(term - shift)
-        return [term - shift - jnp.log(total) for term in terms]
 
-    log_tail_resp = normalised(log_mass)
-    density_resp = [jnp.exp(t) for t in normalised(log_density)]
-    tail_resp = [jnp.exp(t) for t in log_tail_resp]
-    tail_hazard_resp = [jnp.exp(t - m) for t, m in zip(log_tail_resp, log_mills_list)]
-    mills_y = jnp.exp(log_mills_ratio(jnp.abs(y)))
-    return sign, z_list, tail_resp, tail_hazard_resp, density_resp, mills_y
+def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
+    r"""Linear tangent relations of ``y = T(x; θ)`` and ``log T'(x; θ)``.
+
+    Differentiating ``Φ(y) = F(x; θ)`` and dividing by ``f(x) = φ(y) T'(x)``:
+
+    .. math::
+        \frac{\dot y}{T'(x)} = \dot x - \sum_k \Big[\rho_k\big(\dot\mu_k
+              + (x-\mu_k)\,\dot{\log\sigma_k}\big)
+              + s\,W_k\,\dot{\log w_k}\Big],
+
+    which the forward solves for ``ẏ`` and the inverse for ``ẋ`` (the implicit
+    function theorem). The weight term uses ``Σ_k w_k \dot{\log w_k} = 0``, true
+    for tangents through ``log_softmax`` (the bijector always normalises). Then
+
+    .. math::
+        \dot{\text{log\_det}} = \sum_k \rho_k\big(\dot{\log w_k}
+            + \tfrac{z_k}{\sigma_k}\dot\mu_k + (z_k^2-1)\dot{\log\sigma_k}\big)
+            - \dot x\sum_k \rho_k\tfrac{z_k}{\sigma_k} + y\,\dot y .
+
+    This is the one place where the derivatives of the map live: the forward's
+    ``custom_jvp`` and the inverse's implicit rule both call it. Written so that
+    reverse mode is cheap: each parameter tangent is broadcast once (one
+    reduction per parameter after transposition), and products are nested so
+    that only ``z_k``, ``ρ_k`` and ``s W_k`` are saved for the backward pass.
+
+    Args:
+      x: A point of the forward map.
+      y: Its image ``T(x)``.
+      log_det: ``log T'(x)``.
+      params: ``(log_weights, means, log_scales)``.
+      x_dot: Tangent of ``x`` (used when ``solve_for="y"``, else ignored).
+      y_dot: Tangent of ``y`` (used when ``solve_for="x"``, else ignored).
+      params_dot: Parameter tangents.
+      solve_for: ``"y"`` (forward) or ``"x"`` (inverse).
+
+    Returns:
+      ``(x_dot, y_dot, log_det_dot)``.
+    """
+    z_list, signed_tail_weights, density_resp = tangent_coefficients(x, params, y)
+    shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y), params[0].shape[:-1])
+    moved = log_density_dot = curvature = jnp.zeros((), x.dtype)
+    for k, (_, _, log_scale) in enumerate(_components(params)):
+        weight_dot, mean_dot, log_scale_dot = (
+            jnp.broadcast_to(p[..., k], shape) for p in params_dot
+        )
+        z, rho, inv_scale = z_list[k], density_resp[k], jnp.exp(-log_scale)
+        scale = jnp.exp(log_scale)
+        moved = moved + (
+            rho * (mean_dot + z * (scale * log_scale_dot))
+            + signed_tail_weights[k] * weight_dot
+        )
+        log_density_dot = log_density_dot + rho * (
+            weight_dot
+            + z * (inv_scale * mean_dot)
+            + z * (z * log_scale_dot)
+            - log_scale_dot
+        )
+        curvature = curvature + rho * z * inv_scale
+    if solve_for == "y":
+        y_dot = jnp.exp(log_det) * (x_dot - moved)
+    else:
+        x_dot = y_dot * jnp.exp(-log_det) + moved
+    log_det_dot = log_density_dot - curvature * x_dot + y * y_dot
+    return x_dot, y_dot, log_det_dot
 
 
 @forward_and_log_det.defjvp
 def _forward_jvp(primals, tangents):
-    r"""Closed-form tangents of ``(y, log_det)``.
+    """Closed-form tangents of ``(y, log_det)`` via `tangents_at`.
 
-    With ``dz_k = (dx - dμ_k)/σ_k - z_k d\log σ_k``:
-
-    .. math::
-        dy = R(|y|) \sum_k \pi_k\,(h_k\,dz_k - s\,d\log w_k), \qquad
-        d\,\text{log\_det} = \sum_k \rho_k\,(d\log w_k - z_k dz_k - d\log\sigma_k)
-                              + y\,dy.
-
-    One elementwise pass with no branches: differentiating the bulk/tail
-    switch instead made ``jax.grad`` take 15 s to compile.
+    One elementwise pass with no branches on the elements: differentiating the
+    bulk/tail switch instead made ``jax.grad`` take 15 s to compile.
     """
     x, params = primals
     x_dot, params_dot = tangents
     y, log_det = forward_and_log_det(x, params)
-    sign, z_list, tail_resp, tail_hazard_resp, density_resp, mills_y = (
-        _tangent_coefficients(x, params, y)
+    _, y_dot, log_det_dot = tangents_at(
+        x, y, log_det, params, x_dot, None, params_dot, solve_for="y"
     )
-    log_weights_dot, means_dot, log_scales_dot = params_dot
-    tail_sum = log_det_from_density = jnp.zeros((), y.dtype)
-    for k, z in enumerate(z_list):
-        log_scale = params[2][..., k]
-        log_weight_dot = log_weights_dot[..., k]
-        log_scale_dot = log_scales_dot[..., k]
-        z_dot = (x_dot - means_dot[..., k]) * jnp.exp(-log_scale) - z * log_scale_dot
-        tail_sum = tail_sum + (
-            tail_hazard_resp[k] * z_dot - sign * tail_resp[k] * log_weight_dot
-        )
-        log_det_from_density = log_det_from_density + density_resp[k] * (
-            log_weight_dot - z * z_dot - log_scale_dot
-        )
-    y_dot = mills_y * tail_sum
-    log_det_dot = log_det_from_density + y * y_dot
     return (y, log_det), (y_dot, log_det_dot)
 
 
@@ -432,11 +546,13 @@ def cdf_bracket(
     Returns:
       ``(lower, upper)`` of the broadcast batch shape.
     """
-    lower = upper = None
-    for _, mean, log_scale in _components(params):
-        candidate = mean + jnp.exp(log_scale) * y
-        lower = candidate if lower is None else jnp.minimum(lower, candidate)
-        upper = candidate if upper is None else jnp.maximum(upper, candidate)
+    candidates = [
+        mean + jnp.exp(log_scale) * y for _, mean, log_scale in _components(params)
+    ]
+    lower = upper = candidates[0]
+    for candidate in candidates[1:]:
+        lower = jnp.minimum(lower, candidate)
+        upper = jnp.maximum(upper, candidate)
     return lower, upper
 
 

@@ -47,6 +47,7 @@ from distrax_mixcdf._mixture import (
     forward_and_log_det,
     log_det_slope,
     quantile_average,
+    tangents_at,
 )
 
 __all__ = [
@@ -136,7 +137,8 @@ def _knot_table(params: Params, options: SolverOptions, dtype):
     knots = jnp.linspace(
         -_TABLE_HALF_RANGE, _TABLE_HALF_RANGE, _TABLE_KNOTS, dtype=dtype
     )
-    knot_params = tuple(p[..., None, :] for p in params)
+    log_weights, means, log_scales = (p[..., None, :] for p in params)
+    knot_params = (log_weights, means, log_scales)
     knot_roots, knot_log_det, _ = solve(knots, knot_params, options, use_table=False)
     return knot_roots, jnp.exp(-knot_log_det)
 
@@ -353,7 +355,8 @@ def implicit_inverse(y: jax.Array, params: Params, options: SolverOptions):
 
     evaluated at the converged root, never by differentiating solver iterations
     (unrolled bisection has zero gradient). The log-det's tangent follows by the
-    chain rule, ``log_det' = ∂_θ log_det · θ' + (T''/T')·ẋ``. The rule is linear
+    chain rule. Both relations are written out once, in closed form, in
+    `distrax_mixcdf._mixture.tangents_at` (shared with the forward). The rule is linear
     in the tangents, so JAX transposes it for reverse mode; because it is a
     ``custom_jvp`` (not a ``custom_vjp``), ``jacfwd``, ``jacrev``, ``hessian`` and
     ``vmap`` all work, and second derivatives differentiate the rule itself,
@@ -375,13 +378,13 @@ def implicit_inverse(y: jax.Array, params: Params, options: SolverOptions):
 def _implicit_inverse_jvp(options, primals, tangents):
     y, params = primals
     y_dot, params_dot = tangents
-    x, _ = implicit_inverse(y, params, options)
-    (y_at_x, log_det), (y_dot_from_params, log_det_dot_from_params) = jax.jvp(
-        lambda p: forward_and_log_det(x, p), (params,), (params_dot,)
+    x, log_det = implicit_inverse(y, params, options)
+    # No second forward evaluation: at the root T(x) = y and the solver already
+    # returned log T'(x), so the tangent relations need only the per-component
+    # responsibilities (one exp and one erfc per component in the bulk).
+    x_dot, _, log_det_dot = tangents_at(
+        x, y, log_det, params, None, y_dot, params_dot, solve_for="x"
     )
-    x_dot = (y_dot - y_dot_from_params) * jnp.exp(-log_det)
-    curvature = log_det_slope(x, params, y_at_x, log_det)
-    log_det_dot = log_det_dot_from_params + curvature * x_dot
     return (x, log_det), (x_dot, log_det_dot)
 
 
