@@ -223,15 +223,26 @@ def _tail_pass(x, params, upper_side):
         log_masses.append(log_weight + log_q)
         log_hazards.append(-log_scale - log_mills)
     max_log_mass = _max_of(log_masses)
-    mass_sum = hazard_sum = jnp.zeros((), x.dtype)
-    for log_mass, log_hazard in zip(log_masses, log_hazards):
-        relative_mass = jnp.exp(log_mass - max_log_mass)
-        mass_sum = mass_sum + relative_mass
-        hazard_sum = hazard_sum + relative_mass * jnp.exp(log_hazard)
+    mass_sum = jnp.zeros((), x.dtype)
+    for log_mass in log_masses:
+        mass_sum = mass_sum + jnp.exp(log_mass - max_log_mass)
+    # The hazard sum in log space too: where the tail's dominant component lies
+    # far on its other side (x between far-apart components), its hazard
+    # e^{-log R(u)} underflows while log f is an ordinary large negative number.
+    log_hazard_terms = [m - max_log_mass + h for m, h in zip(log_masses, log_hazards)]
+    max_log_hazard = _max_of(log_hazard_terms)
+    hazard_sum = jnp.zeros((), x.dtype)
+    for term in log_hazard_terms:
+        hazard_sum = hazard_sum + jnp.exp(term - max_log_hazard)
     log_tail = max_log_mass + jnp.log(mass_sum)
     magnitude = -ndtri_exp(log_tail)
     y = sign * magnitude
-    log_det = jnp.log(hazard_sum) - jnp.log(mass_sum) + log_mills_ratio(magnitude)
+    log_det = (
+        max_log_hazard
+        + jnp.log(hazard_sum)
+        - jnp.log(mass_sum)
+        + log_mills_ratio(magnitude)
+    )
     return y, log_det
 
 
@@ -329,60 +340,84 @@ def forward_and_log_det(
     return lax.cond(jnp.any(needs_tail), with_tail_pass, bulk_only, None)
 
 
-def _bulk_tail_weights(z_list, params, sign, log_density_sum):
-    """``s W_k`` with ``w_k Q(s z_k)`` in linear space (one `erfc` each).
+def _capped_exp(log_value):
+    """``exp`` capped at the square root of the largest float.
+
+    Used where a derivative exceeds the float range (``1/T'`` where the mixture
+    density underflows between far-apart components): a huge finite slope
+    instead of ``inf``, whose products with zero cotangents, or differences of
+    two such products, would be NaN. At the square root, a product of two
+    capped factors still fits.
+    """
+    dtype = jnp.result_type(log_value)
+    cap = 0.5 * math.log(float(jnp.finfo(dtype).max))
+    return jnp.exp(jnp.minimum(log_value, cap))
+
+
+def _bulk_tail_weights(z_list, params, sign, log_factor, log_mills_offset):
+    """``s w_k Q(s z_k) e^{log_factor}`` with ``Q`` in linear space (one `erfc` each).
 
     Exact while the tail masses are resolved in linear space (the caller checks
-    ``|y|`` and ``log f``). The cap on ``1/f`` keeps an unselected ``vmap``
-    branch free of ``0·inf``, whose NaN would leak into second derivatives.
+    ``|y|`` and ``log f``). The cap keeps an unselected ``vmap`` branch free of
+    ``0·inf``, whose NaN would leak into second derivatives.
     """
-    inv_density = jnp.minimum(
-        _SQRT_2PI * jnp.exp(-log_density_sum), jnp.finfo(sign.dtype).max
-    )
+    del log_mills_offset
+    factor = _capped_exp(log_factor)
     # Materialised once, so each component's kernel reads it instead of
     # recomputing every component's exp (XLA CPU splits multi-output fusions).
-    signed_inv_density = lax.optimization_barrier(sign * inv_density)
+    signed_factor = lax.optimization_barrier(sign * factor)
     return [
-        jnp.exp(log_weight) * (0.5 * erfc(sign * z * _INV_SQRT_2)) * signed_inv_density
+        jnp.exp(log_weight) * (0.5 * erfc(sign * z * _INV_SQRT_2)) * signed_factor
         for z, (log_weight, _, _) in zip(z_list, _components(params))
     ]
 
 
-def _log_space_tail_weights(z_list, params, sign, log_density_sum):
-    """The same ``s W_k`` from log tail masses (any ``|y|``, any ``f``)."""
-    return [
-        sign
-        * jnp.exp(
-            log_weight
-            + _log_survival_and_log_mills(sign * z)[0]
-            - log_density_sum
-            + _LOG_SQRT_2PI
-        )
+def _log_space_tail_weights(z_list, params, sign, log_factor, log_mills_offset):
+    """The same weights as ``s π_k R(|y|) e^{offset}``, exact for any ``|y|``.
+
+    ``π = softmax(log w + log Q(s z))`` and the Mills ratio ``R(|y|)`` carry no
+    ``y²`` cancellation, which ``e^{y²/2}`` times a tail mass would in the far
+    tails.
+    """
+    del log_factor
+    log_masses = [
+        log_weight + _log_survival_and_log_mills(sign * z)[0]
         for z, (log_weight, _, _) in zip(z_list, _components(params))
     ]
+    shift = _max_of(log_masses)
+    relative = [jnp.exp(term - shift) for term in log_masses]
+    total = relative[0]
+    for term in relative[1:]:
+        total = total + term
+    abs_y = jnp.abs(log_mills_offset[0])
+    log_factor = log_mills_ratio(abs_y) + log_mills_offset[1] - jnp.log(total)
+    signed_factor = sign * _capped_exp(log_factor)
+    return [term * signed_factor for term in relative]
 
 
-def tangent_coefficients(x, params, y):
+def tangent_coefficients(x, params, y, log_det, per):
     r"""Per-component pieces of every first derivative of ``T`` and ``log T'``.
 
     With ``s = sign(y)`` pointing into the smaller tail and ``z_k = (x-μ_k)/σ_k``:
 
     .. math::
         \rho_k = \frac{w_k\varphi(z_k)/\sigma_k}{f(x)}, \qquad
-        W_k = \frac{w_k Q(s z_k)}{f(x)},
+        W_k = \frac{w_k Q(s z_k)}{f(x)}\ \text{(per="density")}
+        \ \text{or}\ \frac{w_k Q(s z_k)}{\varphi(y)}\ \text{(per="latent")},
 
-    the density responsibilities and the tail mass per unit density. Each is one
-    exponential of a difference of logs against the exact ``log f`` (a
-    max-shifted logsumexp), so both stay exact where ``f`` or the tail masses
-    underflow.
+    the density responsibilities and the tail masses per unit density of ``x``
+    (what the inverse needs) or of ``y`` (the forward: ``T'·W``, finite even
+    where ``f`` underflows between far-apart components and ``1/f`` does not
+    exist in floating point).
 
     Cost is what makes reverse mode fast: each per-component array is its own
-    elementwise kernel reading the per-element ``log f``, which is materialised
+    elementwise kernel reading a per-element normaliser that is materialised
     once, because XLA's CPU backend splits multi-output fusions and would
-    otherwise recompute every component's `exp` for every output. ``ρ`` costs one
-    `exp` per component and ``W`` one `erfc` per component in the bulk; the
-    log-space tail functions run only when some ``|y|`` lies beyond the bulk or
-    ``f`` underflows (one batch-level ``lax.cond``; both branches are plain
+    otherwise recompute every component's `exp` for every output. ``ρ`` costs
+    one `exp` per component (against the exact max-shifted ``log f``) and ``W``
+    one `erfc` per component in the bulk; the log-space tail functions run only
+    when some ``|y|`` lies beyond the bulk, or, for ``per="density"``, ``f``
+    underflows (one batch-level ``lax.cond``; both branches are plain
     elementwise code, so derivatives of any order, forward or reverse, go
     through it).
 
@@ -391,6 +426,8 @@ def tangent_coefficients(x, params, y):
       params: ``(log_weights, means, log_scales)``, each ``[..., K]``, log weights
         normalised.
       y: ``T(x)`` (the forward's output, or the inverse's input at its root).
+      log_det: ``log T'(x)``.
+      per: ``"density"`` or ``"latent"`` (see above).
 
     Returns:
       ``(z, s·W, ρ)``, each a list over ``k``.
@@ -408,11 +445,19 @@ def tangent_coefficients(x, params, y):
         total = total + jnp.exp(term - shift)
     log_density_sum = lax.optimization_barrier(shift + jnp.log(total))
     density_resp = [jnp.exp(term - log_density_sum) for term in log_density]
-    # Beyond this |y| the smaller tail mass is below the bulk's resolution; below
-    # this log f, 1/f overflows.
+    # Beyond this |y| the smaller tail mass is below the bulk's resolution.
     bulk_limit = -NormalDist().inv_cdf(_smallest_bulk_tail(x.dtype))
-    smallest_log_density = math.log(jnp.finfo(x.dtype).tiny) + 8.0
-    outside_bulk = (jnp.abs(y) > bulk_limit) | (log_density_sum < smallest_log_density)
+    outside_bulk = jnp.abs(y) > bulk_limit
+    if per == "density":
+        # 1/f = sqrt(2 pi) e^{-log f}; below this log f it overflows.
+        log_factor = _LOG_SQRT_2PI - log_density_sum
+        smallest_log_density = math.log(jnp.finfo(x.dtype).tiny) + 8.0
+        outside_bulk = outside_bulk | (log_density_sum < smallest_log_density)
+        mills_offset = -log_det
+    else:
+        # 1/φ(y) = sqrt(2 pi) e^{y²/2}, finite while |y| is in the bulk.
+        log_factor = _LOG_SQRT_2PI + 0.5 * jnp.square(y)
+        mills_offset = jnp.zeros_like(log_det)
     signed_tail_weights = lax.cond(
         jnp.any(outside_bulk),
         _log_space_tail_weights,
@@ -420,7 +465,8 @@ def tangent_coefficients(x, params, y):
         z_list,
         params,
         sign,
-        log_density_sum,
+        log_factor,
+        (y, mills_offset),
     )
     # Materialised: otherwise XLA re-fuses each coefficient's exp/erfc into every
     # reduction of the backward pass that reads it.
@@ -430,16 +476,18 @@ def tangent_coefficients(x, params, y):
 def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     r"""Linear tangent relations of ``y = T(x; θ)`` and ``log T'(x; θ)``.
 
-    Differentiating ``Φ(y) = F(x; θ)`` and dividing by ``f(x) = φ(y) T'(x)``:
+    Differentiating ``Φ(y) = F(x; θ)`` and dividing by ``φ(y)``:
 
     .. math::
-        \frac{\dot y}{T'(x)} = \dot x - \sum_k \Big[\rho_k\big(\dot\mu_k
-              + (x-\mu_k)\,\dot{\log\sigma_k}\big)
-              + s\,W_k\,\dot{\log w_k}\Big],
+        \dot y = T'(x)\Big[\dot x - \sum_k \rho_k\big(\dot\mu_k
+              + (x-\mu_k)\,\dot{\log\sigma_k}\big)\Big]
+              - \sum_k s\,\frac{w_k Q(s z_k)}{\varphi(y)}\,\dot{\log w_k},
 
-    which the forward solves for ``ẏ`` and the inverse for ``ẋ`` (the implicit
-    function theorem). The weight term uses ``Σ_k w_k \dot{\log w_k} = 0``, true
-    for tangents through ``log_softmax`` (the bijector always normalises). Then
+    which the forward evaluates as written and the inverse solves for ``ẋ``
+    (the implicit function theorem; there the weight term is divided by
+    ``T'``, giving ``W_k`` per unit ``f``). The weight term uses
+    ``Σ_k w_k \dot{\log w_k} = 0``, true for tangents through ``log_softmax``
+    (the bijector always normalises). Then
 
     .. math::
         \dot{\text{log\_det}} = \sum_k \rho_k\big(\dot{\log w_k}
@@ -465,19 +513,20 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     Returns:
       ``(x_dot, y_dot, log_det_dot)``.
     """
-    z_list, signed_tail_weights, density_resp = tangent_coefficients(x, params, y)
+    per = "latent" if solve_for == "y" else "density"
+    z_list, signed_tail_weights, density_resp = tangent_coefficients(
+        x, params, y, log_det, per
+    )
     shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y), params[0].shape[:-1])
-    moved = log_density_dot = curvature = jnp.zeros((), x.dtype)
+    moved = weight_term = log_density_dot = curvature = jnp.zeros((), x.dtype)
     for k, (_, _, log_scale) in enumerate(_components(params)):
         weight_dot, mean_dot, log_scale_dot = (
             jnp.broadcast_to(p[..., k], shape) for p in params_dot
         )
         z, rho, inv_scale = z_list[k], density_resp[k], jnp.exp(-log_scale)
         scale = jnp.exp(log_scale)
-        moved = moved + (
-            rho * (mean_dot + z * (scale * log_scale_dot))
-            + signed_tail_weights[k] * weight_dot
-        )
+        moved = moved + rho * (mean_dot + z * (scale * log_scale_dot))
+        weight_term = weight_term + signed_tail_weights[k] * weight_dot
         log_density_dot = log_density_dot + rho * (
             weight_dot
             + z * (inv_scale * mean_dot)
@@ -486,9 +535,9 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
         )
         curvature = curvature + rho * z * inv_scale
     if solve_for == "y":
-        y_dot = jnp.exp(log_det) * (x_dot - moved)
+        y_dot = jnp.exp(log_det) * (x_dot - moved) - weight_term
     else:
-        x_dot = y_dot * jnp.exp(-log_det) + moved
+        x_dot = y_dot * _capped_exp(-log_det) + moved + weight_term
     log_det_dot = log_density_dot - curvature * x_dot + y * y_dot
     return x_dot, y_dot, log_det_dot
 

@@ -229,8 +229,17 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
     upper = jnp.where(residual > 0, x, state.upper)
     midpoint = 0.5 * (lower + upper)
     slope = jnp.exp(log_det)
+    inverse_min_variance = _inverse_min_variance(params)
     # Tolerance in y-space: the y resolution plus x's own resolution through T'.
-    y_tol = tol * (jnp.maximum(1.0, jnp.abs(y)) + jnp.abs(x) * slope)
+    # The second term linearises T across one resolution step of x, which is
+    # only valid while that step is below the narrowest component's scale: with
+    # σ = 1 at |x| = 1e8 (float32 spacing 8), T jumps from one tail to the
+    # other between neighbouring floats and the term would accept any x there.
+    x_resolution = tol * jnp.abs(x)
+    resolves_components = jnp.square(x_resolution) * inverse_min_variance <= 1.0
+    y_tol = tol * jnp.maximum(1.0, jnp.abs(y)) + jnp.where(
+        resolves_components, x_resolution * slope, 0.0
+    )
     # "Close enough" without a step needs half the y resolution: in flat
     # regions a full-ulp residual can sit far from the root's x-interval.
     close_enough = jnp.abs(residual) <= y_tol - 0.5 * tol * jnp.maximum(1.0, jnp.abs(y))
@@ -261,7 +270,6 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
         # The log-det is carried along the step as log_det + c·δ, with error
         # ≲ δ²/(2σ_min²); that must be within tolerance too.
         step_squared = jnp.square(newton_step)
-        inverse_min_variance = _inverse_min_variance(params)
         curvature_bound = (
             jnp.abs(curvature) + jnp.abs(newton_step) * inverse_min_variance
         )
@@ -279,8 +287,15 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
     # where T' is tiny (between far-apart components) a "tiny" y-residual can
     # still mean a huge Newton step, and any x in tolerance is a valid root.
     close_enough = close_enough | (residual == 0)
-    converged = converged | close_enough
-    x_next = jnp.where(close_enough, x, x_next)
+    # A bracket collapsed to a few floats pins the root whatever T does inside.
+    bracket_collapsed = (upper - lower) <= 2.0 * x_resolution
+    converged_by_step = converged
+    converged = converged | close_enough | bracket_collapsed
+    # Stopping on the bracket alone returns the point just evaluated: its
+    # log-det is exact, where carrying it along a step is not guaranteed.
+    x_next = jnp.where(
+        close_enough | (bracket_collapsed & ~converged_by_step), x, x_next
+    )
     step = x_next - x
     keep = state.done
     return _State(

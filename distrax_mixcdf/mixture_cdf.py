@@ -40,6 +40,117 @@ def _as_float_param(name: str, value: Any) -> jax.Array:
     return array
 
 
+def _saturation_threshold(dtype) -> float:
+    """``|z|`` beyond which ``z²`` would overflow in the tail numerics (÷ 16)."""
+    return float(np.sqrt(np.finfo(dtype).max)) / 16.0
+
+
+def _forward_reach(params) -> jax.Array:
+    """Below this ``|x|`` no element can be saturated (see `_forward_saturation`)."""
+    _, means, log_scales = params
+    threshold = _saturation_threshold(means.dtype)
+    return jnp.max(threshold * jnp.exp(log_scales) - jnp.abs(means), axis=-1)
+
+
+def _forward_saturation(x, params):
+    r"""``(saturated, y, log_det)`` where every ``z_k`` lies beyond the threshold.
+
+    When all ``z_k = (x - μ_k)/σ_k`` exceed ``t = sqrt(max float)/16`` on the same
+    side (1.2e18 in float32), the component with the smallest ``|z_k|``
+    dominates the tail and ``y = z_{k*}(1 + O(\log z / z^2))``,
+    ``log|dy/dx| = -\log σ_{k*}(1 + O(z^{-2}))``: exact to working precision,
+    where the log-space tail pass would overflow ``z²``.
+    """
+    _, means, log_scales = params
+    threshold = _saturation_threshold(x.dtype)
+    shape = jnp.broadcast_shapes(x.shape, means.shape[:-1])
+    lowest = highest = lowest_scale = highest_scale = jnp.zeros(shape, x.dtype)
+    for k in range(log_scales.shape[-1]):
+        log_scale = jnp.broadcast_to(log_scales[..., k], shape)
+        z = jnp.broadcast_to((x - means[..., k]) * jnp.exp(-log_scales[..., k]), shape)
+        lower = (z < lowest) | (k == 0)
+        higher = (z > highest) | (k == 0)
+        lowest = jnp.where(lower, z, lowest)
+        lowest_scale = jnp.where(lower, log_scale, lowest_scale)
+        highest = jnp.where(higher, z, highest)
+        highest_scale = jnp.where(higher, log_scale, highest_scale)
+    right, left = lowest > threshold, highest < -threshold
+    y = jnp.where(right, lowest, highest)
+    return right | left, y, -jnp.where(right, lowest_scale, highest_scale)
+
+
+def _inverse_reach(params) -> jax.Array:
+    """Below this ``|y|`` no element is saturated (see `_inverse_saturation`)."""
+    return jnp.asarray(_saturation_threshold(params[1].dtype), params[1].dtype)
+
+
+def _inverse_saturation(y, params):
+    r"""``(saturated, x, log_det)`` for ``|y|`` beyond the threshold.
+
+    There the root is the bracket end ``max_k(μ_k + σ_k y)`` (``y > 0``) or
+    ``min_k`` (``y < 0``) to relative ``O(\log w / y^2)``, and the inverse's
+    log-det is ``\log σ`` of that component.
+    """
+    _, means, log_scales = params
+    shape = jnp.broadcast_shapes(y.shape, means.shape[:-1])
+    saturated = jnp.broadcast_to(jnp.abs(y) > _inverse_reach(params), shape)
+    best = best_scale = jnp.zeros(shape, y.dtype)
+    for k in range(log_scales.shape[-1]):
+        log_scale = jnp.broadcast_to(log_scales[..., k], shape)
+        candidate = jnp.broadcast_to(
+            means[..., k] + jnp.exp(log_scales[..., k]) * y, shape
+        )
+        better = jnp.where(y > 0, candidate > best, candidate < best) | (k == 0)
+        best = jnp.where(better, candidate, best)
+        best_scale = jnp.where(better, log_scale, best_scale)
+    return saturated, best, best_scale
+
+
+def _apply_policy(value, params, core, reach, saturation, sign):
+    """Runs ``core`` on the regular elements; NaN, ±inf and saturated ones apart.
+
+    * NaN gives NaN in both outputs.
+    * ``±inf`` gives ``±inf`` and the limit of the log-det there,
+      ``sign · max_k log σ_k`` (the widest component dominates both tails, so
+      ``dy/dx → 1/σ_max``).
+    * Finite values so far out that ``z²`` would overflow take the asymptotic
+      closed form of ``saturation`` (exact to working precision).
+
+    ``core`` sees a harmless stand-in (the first component's mean, or 0 for the
+    inverse) in every slot it does not own (the double-``where`` pattern), so
+    the discarded tangents there are finite and a loss that masks those
+    elements keeps finite gradients. (A ``lax.cond`` fast path for clean
+    batches was measured: it doubled the compile time of ``jax.grad`` for a
+    smaller run-time saving.)
+    """
+    finite = jnp.isfinite(value)
+    stand_in = params[1][..., 0] if sign < 0 else jnp.zeros((), value.dtype)
+    safe = jnp.where(finite, value, stand_in)
+    shape = jnp.broadcast_shapes(value.shape, params[1].shape[:-1])
+
+    def none(_):
+        zeros = jnp.zeros(shape, value.dtype)
+        return jnp.zeros(shape, bool), zeros, zeros
+
+    # The saturation's component loop only runs when some |value| is that far.
+    saturated, out_far, log_det_far = jax.lax.cond(
+        jnp.any(jnp.abs(safe) > reach(params)),
+        lambda _: saturation(safe, params),
+        none,
+        None,
+    )
+    regular = finite & ~saturated
+    out, log_det = core(jnp.where(regular, value, stand_in), params)
+    limit = sign * jnp.max(params[2], axis=-1)
+    # `value == value` is False only for NaN, which stays NaN.
+    log_det_other = jnp.where(value == value, limit, value)
+    out = jnp.where(regular, out, jnp.where(saturated, out_far, value))
+    log_det = jnp.where(
+        regular, log_det, jnp.where(saturated, log_det_far, log_det_other)
+    )
+    return out, log_det
+
+
 class MixtureGaussianCDF(distrax.Bijector):
     r"""Gaussianizing bijector of a learnable Gaussian mixture (elementwise).
 
@@ -251,6 +362,12 @@ class MixtureGaussianCDF(distrax.Bijector):
 
     def _params_for(self, value: Any, argument: str):
         value = jnp.asarray(value)
+        if jnp.issubdtype(value.dtype, jnp.complexfloating):
+            # Casting would silently drop the imaginary part.
+            raise TypeError(
+                f"`{argument}` must be real (float, int or bool), got dtype "
+                f"{value.dtype} with shape {value.shape}."
+            )
         dtype = jnp.result_type(value.dtype, self._logits.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             dtype = self._logits.dtype
@@ -273,7 +390,12 @@ class MixtureGaussianCDF(distrax.Bijector):
         return value.astype(dtype), params
 
     def forward_and_log_det(self, x: Any) -> tuple[jax.Array, jax.Array]:
-        """Computes ``y = Φ⁻¹(F(x))`` and ``log|dy/dx|`` (closed form).
+        r"""Computes ``y = Φ⁻¹(F(x))`` and ``log|dy/dx|`` (closed form).
+
+        Elementwise policy for unusual inputs: NaN gives NaN in that element
+        only; ``±inf`` gives ``y = ±inf`` with ``log_det = -max_k log σ_k``
+        (the limit of :math:`\log|dy/dx|`; the density there is 0); integers are
+        promoted and float16/bfloat16 are computed and returned in float32.
 
         Args:
           x: Data, broadcastable against the parameter batch shape.
@@ -282,10 +404,20 @@ class MixtureGaussianCDF(distrax.Bijector):
           ``(y, log_det)`` of the broadcast shape.
         """
         x, params = self._params_for(x, "x")
-        return _mixture.forward_and_log_det(x, params)
+        return _apply_policy(
+            x,
+            params,
+            _mixture.forward_and_log_det,
+            _forward_reach,
+            _forward_saturation,
+            -1.0,
+        )
 
     def inverse_and_log_det(self, y: Any) -> tuple[jax.Array, jax.Array]:
         """Solves ``F(x) = Φ(y)`` for ``x`` and returns ``log|dx/dy|``.
+
+        NaN gives NaN in that element only; ``±inf`` gives ``x = ±inf`` with
+        ``log_det = max_k log σ_k``; dtypes as for the forward.
 
         Args:
           y: Latent values, broadcastable against the parameter batch shape.
@@ -294,7 +426,15 @@ class MixtureGaussianCDF(distrax.Bijector):
           ``(x, log_det)`` of the broadcast shape, ``log_det = -log|dy/dx|(x)``.
         """
         y, params = self._params_for(y, "y")
-        return _root_finding.inverse_and_log_det(y, params, self._options)
+        options = self._options
+        return _apply_policy(
+            y,
+            params,
+            lambda v, p: _root_finding.inverse_and_log_det(v, p, options),
+            _inverse_reach,
+            _inverse_saturation,
+            1.0,
+        )
 
     def same_as(self, other: distrax.Bijector) -> bool:
         """True if ``other`` is a ``MixtureGaussianCDF`` with identical parameters."""

@@ -210,7 +210,17 @@ def _batch_shape_note(bijector: Any) -> str:
 
 
 class FitResult(NamedTuple):
-    """What :func:`fit` returns.
+    r"""What :func:`fit` returns.
+
+    With :math:`\theta_t` the parameters after :math:`t` updates and
+    :math:`B_t` the (mini)batch of step :math:`t`, the recorded losses are
+
+    .. math::
+        \text{losses}[t] = L(\theta_t; B_t), \qquad
+        \text{val\_losses}[j] = L(\theta_{s_j}; \text{validation data}),
+
+    with :math:`s_j` = ``val_steps[j]``, and ``model`` holds
+    :math:`\theta_{\text{best\_step}}`.
 
     Attributes:
       model: The trained model, the same type and structure as the ``model``
@@ -323,7 +333,17 @@ class _Spec:
     If some part is unhashable, the spec falls back to identity (no sharing).
     """
 
-    def __init__(self, treedef, trainable, kept, dtypes, loss_fn, optimizer, batch):
+    def __init__(
+        self,
+        treedef,
+        trainable,
+        kept,
+        dtypes,
+        loss_fn,
+        optimizer,
+        batch,
+        batch_shardings=None,
+    ):
         self.treedef = treedef
         self.trainable = trainable  # tuple[bool]: which leaves are parameters
         self.kept = kept  # the other leaves, exactly as given
@@ -331,6 +351,9 @@ class _Spec:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.batch = batch  # minibatch size, or None for the full batch
+        # Per data leaf, the sharding a minibatch is constrained to (data-parallel
+        # training), or None on one device.
+        self.batch_shardings = batch_shardings
         try:
             self._key = (
                 treedef,
@@ -340,6 +363,7 @@ class _Spec:
                 loss_fn,
                 optimizer,
                 batch,
+                batch_shardings,
             )
             self._hash = hash(self._key)
         except (TypeError, ValueError):
@@ -374,6 +398,45 @@ class _Spec:
         return value
 
 
+def _batch_shardings(data: Any, batch_size: int | None) -> tuple | None:
+    """The data leaves' shardings if ``data`` is sharded over several devices.
+
+    Data parallelism is opt-in by placing the data: ``jax.device_put(data,
+    NamedSharding(mesh, P("data")))`` shards the leading (example) axis over
+    the mesh's ``"data"`` axis.
+    """
+    leaves = jax.tree_util.tree_leaves(data)
+    shardings = [
+        s
+        for s in (getattr(leaf, "sharding", None) for leaf in leaves)
+        if isinstance(s, jax.sharding.NamedSharding)
+    ]
+    if len(shardings) != len(leaves):
+        return None
+    if all(len(s.device_set) == 1 for s in shardings):
+        return None
+    for leaf, sharding in zip(leaves, shardings, strict=True):
+        spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
+        if any(axis is not None for axis in spec[1:]):
+            raise ValueError(
+                "Data-parallel `fit` shards only the leading (example) axis; got "
+                f"a data leaf of shape {leaf.shape} with PartitionSpec "
+                f"{sharding.spec}."
+            )
+        shards = sharding.shard_shape(leaf.shape)[0]
+        if batch_size is not None and batch_size % (leaf.shape[0] // shards):
+            raise ValueError(
+                f"`batch_size` ({batch_size}) must be divisible by the number of "
+                f"data shards ({leaf.shape[0] // shards}) for data-parallel "
+                f"training (data of shape {leaf.shape}, {sharding.spec})."
+            )
+    return tuple(shardings)
+
+
+def _replicated(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
 def _all_finite(tree: Any) -> jax.Array:
     finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
     return jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
@@ -399,6 +462,20 @@ def _train_step(spec: _Spec, params, opt_state, key, skipped, data):
         n = jax.tree_util.tree_leaves(data)[0].shape[0]
         index = jax.random.randint(subkey, (spec.batch,), 0, n)
         batch = jax.tree_util.tree_map(lambda a: jnp.take(a, index, axis=0), data)
+        if spec.batch_shardings is not None:
+            # Data parallel: each device evaluates the loss on its slice of the
+            # minibatch; XLA inserts the all-reduce of the gradients.
+            batch = jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(batch),
+                [
+                    jax.lax.with_sharding_constraint(leaf, sharding)
+                    for leaf, sharding in zip(
+                        jax.tree_util.tree_leaves(batch),
+                        spec.batch_shardings,
+                        strict=True,
+                    )
+                ],
+            )
     value, grads = jax.value_and_grad(spec.loss)(params, batch)
     updates, new_opt_state = spec.optimizer.update(grads, opt_state, params)
     new_params = [
@@ -485,6 +562,16 @@ def fit(
     the loss, a gradient or an updated parameter is non-finite, the update is
     discarded: parameters and optimizer state stay as they were, and the step
     is counted in ``skipped_steps``.
+
+    Data-parallel training: place ``data`` sharded over its leading axis, e.g.
+    ``jax.device_put(data, NamedSharding(Mesh(jax.devices(), ("data",)),
+    PartitionSpec("data")))``. ``fit`` then replicates the parameters and
+    optimizer state on that mesh and constrains every minibatch to the same
+    sharding, so each device evaluates the loss on its slice and XLA all-reduces
+    the gradients (``batch_size`` must be divisible by the number of shards).
+    The result matches single-device training to float rounding. On several
+    hosts, call ``jax.distributed.initialize()`` first and build the global
+    array with ``jax.make_array_from_process_local_data``.
 
     With ``validation_data``, the loss on all of it (one batch) is evaluated
     before training and every ``eval_every`` steps (and after the last step);
@@ -592,11 +679,19 @@ def fit(
         loss_fn,
         optimizer,
         None if full_batch else batch_size,
+        _batch_shardings(data, None if full_batch else batch_size),
     )
 
     # -- train ---------------------------------------------------------------------
     opt_state = optimizer.init(params)
     skipped = jnp.zeros((), jnp.int32)
+    if spec.batch_shardings is not None:
+        # Data parallel: parameters, optimizer state, key and counter are
+        # replicated on the data's mesh; the batch stays sharded.
+        replicated = _replicated(spec.batch_shardings[0])
+        params, opt_state, key, skipped = jax.device_put(
+            (params, opt_state, key, skipped), replicated
+        )
     losses: list[jax.Array] = []
     val_losses: list[float] = []
     val_steps: list[int] = []

@@ -1,0 +1,125 @@
+"""The fuzz suite's checks, shared by float32 (`test_fuzz.py`) and float64.
+
+Each check takes the dtype; `count` records how many examples were tried, and
+the test modules print the totals at the end of the session.
+"""
+
+import collections
+
+import _checks
+import _robust
+import jax
+import jax.numpy as jnp
+import numpy as np
+import reference
+
+N = 512
+counts: collections.Counter = collections.Counter()
+
+
+def check_forward_finite_monotone(params, dtype, seed):
+    counts["forward finite, monotone, exact"] += 1
+    layer = _checks.make_bijector(*params, dtype)
+    x = _robust.sorted_grid(params, N, dtype, seed)
+    y, log_det = (
+        np.asarray(v, np.float64) for v in _checks.forward(layer, jnp.asarray(x))
+    )
+    assert np.all(np.isfinite(y)), x[~np.isfinite(y)][:5]
+    assert np.all(np.isfinite(log_det) | (log_det == -np.inf))
+    if not _robust.in_foundation_envelope(params, dtype):
+        # Beyond the foundation's envelope (scale ratios up to 1e12, weights
+        # down to e^-2e4) the bulk's linear-space sums can round y down by one
+        # ulp on a plateau (reported): non-decreasing up to one ulp.
+        dips = -np.diff(y)
+        allowed = _checks.ulp(y[1:], dtype)
+        assert np.all(dips <= allowed), x[np.argmax(dips - allowed)]
+        return
+    assert np.all(np.diff(y) >= 0), x[np.argmin(np.diff(y))]
+    # Against the mpmath reference at a few points (it is slow).
+    pick = np.linspace(0, N - 1, 6).astype(int)
+    y_ref, _ = reference.forward(x[pick].astype(np.float64), params)
+    error = np.abs(y[pick] - y_ref) / np.maximum(1.0, np.abs(y_ref))
+    # float32 x itself is only known to ulp(x): allow what that moves y by.
+    slack = np.exp(log_det[pick]) * _checks.ulp(x[pick], dtype)
+    assert np.all(error <= _checks.TOL[dtype]["y"] + slack), (error, x[pick])
+
+
+def check_inverse_round_trip(params, dtype, seed):
+    counts["inverse residual and log-det"] += 1
+    rng = np.random.default_rng(seed)
+    y = np.concatenate(
+        [rng.normal(size=N - 6) * 3, [-35.0, -9.0, 0.0, 1e-3, 9.0, 35.0]]
+    )
+    y = y.astype(dtype)
+    layer = _checks.make_bijector(*params, dtype)
+    if _robust.in_foundation_envelope(params, dtype):
+        _checks.check_round_trip_from_y(params, dtype, y)
+    else:
+        # Converged means: y lies between T four ulps either side of the
+        # returned root. (The foundation bound's 2·f'·ulp(x) takes T' at the
+        # root; next to a component only a few ulps wide T' changes by orders
+        # of magnitude within an ulp, and the solver's own x-resolution
+        # criterion stops up to ~4 ulps out, measured; a component narrower
+        # than an ulp makes T jump.)
+        x_hat = np.asarray(_checks.inverse(layer, jnp.asarray(y))[0])
+        assert np.all(np.isfinite(x_hat))
+        below, above = x_hat, x_hat
+        for _ in range(4):
+            below = np.nextafter(below, -np.inf, dtype=dtype)
+            above = np.nextafter(above, np.inf, dtype=dtype)
+        y_below = np.asarray(_checks.forward(layer, jnp.asarray(below))[0], np.float64)
+        y_above = np.asarray(_checks.forward(layer, jnp.asarray(above))[0], np.float64)
+        # 4 ulps of y, plus 4 more in float64 for jax's erfc (see _checks).
+        ulps = 4 if dtype == np.float32 else 8
+        tol = ulps * _checks.ulp(np.maximum(1.0, np.abs(y)), dtype)
+        inside = (y_below - tol <= y) & (y <= y_above + tol)
+        assert np.all(inside), (y[~inside][:5], x_hat[~inside][:5])
+    # The inverse's log-det is minus the forward's at the root.
+    x_hat, inverse_log_det = _checks.inverse(layer, jnp.asarray(y, dtype))
+    _, forward_log_det = _checks.forward(layer, x_hat)
+    eps = float(np.finfo(dtype).eps)
+    forward_log_det = np.asarray(forward_log_det, np.float64)
+    tol = _checks.TOL[dtype]["log_det"] * np.maximum(1.0, np.abs(forward_log_det))
+    tol = tol + 8 * eps * y.astype(np.float64) ** 2
+    mismatch = np.abs(np.asarray(inverse_log_det, np.float64) + forward_log_det)
+    finite = np.isfinite(forward_log_det)
+    assert np.all(mismatch[finite] <= tol[finite]), mismatch.max()
+
+
+def check_non_finite_policy_and_gradients(params, dtype, seed):
+    counts["NaN/inf elementwise"] += 1
+    rng = np.random.default_rng(seed)
+    layer = _checks.make_bijector(*params, dtype)
+    values = np.concatenate(
+        [rng.normal(size=N // 2) * 3, _robust.sorted_grid(params, N // 2, dtype, seed)]
+    ).astype(dtype)
+    dirty = values.copy()
+    bad = rng.choice(N, size=6, replace=False)
+    dirty[bad] = [np.nan, np.inf, -np.inf, np.nan, np.inf, -np.inf]
+    keep = np.isfinite(dirty)
+    for fn in (_checks.forward, _checks.inverse):
+        out, log_det = (np.asarray(v) for v in fn(layer, jnp.asarray(dirty)))
+        clean_out, clean_log_det = (
+            np.asarray(v) for v in fn(layer, jnp.asarray(values))
+        )
+        np.testing.assert_array_equal(out[keep], clean_out[keep])
+        np.testing.assert_array_equal(log_det[keep], clean_log_det[keep])
+        np.testing.assert_array_equal(out[~keep], dirty[~keep])
+
+
+def check_masked_gradients_finite(params, dtype, seed):
+    counts["masked-loss gradients finite"] += 1
+    rng = np.random.default_rng(seed)
+    layer = _checks.make_bijector(*params, dtype)
+    dirty = np.concatenate(
+        [rng.normal(size=N // 2) * 3, _robust.sorted_grid(params, N // 2, dtype, seed)]
+    ).astype(dtype)
+    bad = rng.choice(N, size=6, replace=False)
+    dirty[bad] = [np.nan, np.inf, -np.inf, np.nan, np.inf, -np.inf]
+    keep = np.isfinite(dirty)
+    grads, value_grads = _robust.masked_loss_grads(layer, jnp.asarray(dirty))
+    for leaf in jax.tree_util.tree_leaves(grads):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    value_grads = np.asarray(value_grads)
+    assert np.all(value_grads[~keep] == 0)
+    assert np.all(np.isfinite(value_grads))

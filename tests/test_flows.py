@@ -1,0 +1,167 @@
+"""Deep flows: Gaussianization and coupling flows built from the mixture-CDF layer.
+
+Small on purpose (D = 3, K = 3, two or three layers, one jitted function per
+check shared by both flow families): JIT compilation dominates these tests.
+"""
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from distrax_mixcdf import (
+    CouplingFlow,
+    FixedRotation,
+    GaussianizationFlow,
+    Householder,
+    coupling_flow,
+    fit,
+    gaussianization_flow,
+)
+
+D = 3
+
+
+def skewed_data(n, seed):
+    """Correlated, skewed, non-Gaussian 3-D data."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, D))
+    x = np.stack([z[:, 0], 0.5 * z[:, 1] + z[:, 0] ** 2 - 1, np.exp(0.5 * z[:, 2])], 1)
+    return ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+
+
+TRAIN, TEST = skewed_data(400, 0), skewed_data(400, 1)
+
+
+@pytest.fixture(scope="module")
+def flows():
+    gf = gaussianization_flow(TRAIN, num_layers=2, num_components=3)
+    cf = coupling_flow(
+        jax.random.PRNGKey(0),
+        D,
+        num_layers=2,
+        num_components=3,
+        hidden_sizes=(8,),
+        data=TRAIN,
+    )
+    return {"gaussianization": gf, "coupling": cf}
+
+
+@jax.jit
+def _checks(flow, x, key):
+    """Everything one flow is checked on, in one compiled function."""
+    log_prob = flow.log_prob(x)
+    z = flow.forward(x)
+    # The whole stack's log-det against autodiff: log p(x) = log N(T(x)) + log|det J_T|.
+    jac = jax.vmap(jax.jacfwd(flow.forward))(x[:4])
+    autodiff_log_prob = (
+        jax.scipy.stats.norm.logpdf(z[:4]).sum(-1) + jnp.linalg.slogdet(jac)[1]
+    )
+    samples, sample_log_prob = flow.sample_and_log_prob(seed=key, sample_shape=(16,))
+    grads = jax.grad(lambda f: -jnp.mean(f.log_prob(x)))(flow)
+    return dict(
+        log_prob=log_prob,
+        # The distrax.Transformed stack (unrolled; log_prob only, to bound compiles).
+        distrax_log_prob=flow.distribution.log_prob(x[:4]),
+        # Round trip latent -> data -> latent through the one inverse compiled here:
+        # sample_and_log_prob maps z = jax.random.normal(key, (16, D)).
+        latent=jax.random.normal(key, (16, D)),
+        latent_back=flow.forward(samples),
+        autodiff_log_prob=autodiff_log_prob,
+        samples=samples,
+        sample_log_prob=sample_log_prob,
+        rescored=flow.log_prob(samples),
+        grads=grads,
+    )
+
+
+@pytest.fixture(scope="module")
+def checked(flows):
+    x = jnp.asarray(TEST[:32])
+    return {name: _checks(f, x, jax.random.PRNGKey(1)) for name, f in flows.items()}
+
+
+@pytest.mark.parametrize("name", ["gaussianization", "coupling"])
+def test_shapes_and_scan_matches_distrax_stack(checked, name):
+    out = checked[name]
+    assert out["log_prob"].shape == (32,)
+    assert out["samples"].shape == (16, D)
+    assert np.all(np.isfinite(out["log_prob"]))
+    # The scanned log_prob is the distrax.Transformed stack's log_prob.
+    np.testing.assert_allclose(out["log_prob"][:4], out["distrax_log_prob"], atol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["gaussianization", "coupling"])
+def test_whole_stack_log_det_matches_autodiff(checked, name):
+    out = checked[name]
+    np.testing.assert_allclose(
+        out["autodiff_log_prob"], out["log_prob"][:4], rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("name", ["gaussianization", "coupling"])
+def test_invertible_and_samples_are_scored_consistently(checked, name):
+    out = checked[name]
+    np.testing.assert_allclose(out["latent_back"], out["latent"], atol=5e-4)
+    np.testing.assert_allclose(out["rescored"], out["sample_log_prob"], atol=5e-3)
+
+
+@pytest.mark.parametrize("name", ["gaussianization", "coupling"])
+def test_every_parameter_gets_a_nonzero_gradient(checked, flows, name):
+    flow, grads = flows[name], checked[name]["grads"]
+    leaves = jax.tree_util.tree_leaves(flow)
+    grad_leaves = jax.tree_util.tree_leaves(grads)
+    assert type(grads) is type(flow)
+    assert len(grad_leaves) == len(leaves)
+    for leaf, grad in zip(leaves, grad_leaves):
+        assert grad.shape == leaf.shape
+        assert np.all(np.isfinite(grad))
+        assert np.max(np.abs(grad)) > 1e-6, f"a {leaf.shape} leaf gets no gradient"
+    # Leaves are exactly the trainable arrays: nothing hidden in callables.
+    if name == "gaussianization":
+        assert len(leaves) == 2 * 3 + 1  # 2 marginals x 3 arrays, 1 rotation
+        assert all(isinstance(r, Householder) for r in flow.rotations)
+    else:
+        assert isinstance(flow, CouplingFlow)
+        assert len(leaves) == 3 + 2 * 2 * 2  # marginal + 2 layers x 2 (W, b)
+
+
+def test_greedy_init_beats_standard_normal_and_fine_tuning_beats_greedy(flows):
+    gf = flows["gaussianization"]
+    log_prob = jax.jit(lambda f, x: f.log_prob(x))
+    normal_nll = -np.mean(jax.scipy.stats.norm.logpdf(TEST).sum(-1))
+    greedy_nll = -np.mean(log_prob(gf, TEST))
+    # Measured: N(0, I) 4.26, greedy 3.56 nats (margin 0.70).
+    print(f"N(0, I) {normal_nll:.3f}, greedy {greedy_nll:.3f}")
+    assert greedy_nll < normal_nll - 0.3
+    result = fit(gf, TRAIN, optax.adam(1e-2), steps=60, show_progress=False)
+    tuned_nll = -np.mean(log_prob(result.model, TEST))
+    # Measured: 3.56 -> 3.31 nats after 60 full-batch steps (gain 0.25).
+    print(f"tuned {tuned_nll:.3f}")
+    assert tuned_nll < greedy_nll - 0.1
+    assert result.skipped_steps == 0
+
+
+def test_fixed_rotations_have_no_leaves_and_to_tfp_matches():
+    flow = gaussianization_flow(TRAIN, num_layers=2, num_components=3, rotation="fixed")
+    assert isinstance(flow.rotations[0], FixedRotation)
+    assert len(jax.tree_util.tree_leaves(flow)) == 2 * 3
+    assert isinstance(flow.distribution, distrax.Transformed)
+    both = jax.jit(lambda f, x: (f.to_tfp().log_prob(x), f.log_prob(x)))
+    tfp_log_prob, log_prob = both(flow, TEST[:5])
+    np.testing.assert_allclose(tfp_log_prob, log_prob, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_raises(flows):
+    with pytest.raises(ValueError, match=r"`data` must be \[N, D\]"):
+        gaussianization_flow(np.ones(5, np.float32), 2)
+    with pytest.raises(ValueError, match="rotation"):
+        gaussianization_flow(TRAIN, 2, rotation="spin")
+    with pytest.raises(ValueError, match="needs a PRNG `key`"):
+        gaussianization_flow(TRAIN, 2, rotation_init="random")
+    with pytest.raises(ValueError, match="dim"):
+        coupling_flow(jax.random.PRNGKey(0), 1)
+    with pytest.raises(ValueError, match="len\\(marginals\\) - 1"):
+        GaussianizationFlow(flows["gaussianization"].marginals, [])

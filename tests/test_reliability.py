@@ -1,0 +1,341 @@
+"""Reliability: bad input, non-finite values, extreme parameters, robust training.
+
+Every check here reuses a handful of jitted functions on fixed shapes (K = 4,
+512 inputs), so the whole module compiles each map once.
+"""
+
+import _checks
+import _robust
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+
+import distrax_mixcdf as dm
+
+DTYPE = np.float32
+N = 512
+K = 4
+
+
+_masked_loss_grads = _robust.masked_loss_grads
+
+
+# -- bad arguments -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (
+            lambda: dm.MixtureGaussianCDF(jnp.zeros(3), jnp.zeros(4), jnp.zeros(3)),
+            ValueError,
+            r"same number of components.*logits\(3,\), means\(4,\), log_scales\(3,\)",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF(
+                jnp.zeros((2, 3)), jnp.zeros((4, 3)), 0 * 1.0
+            ),
+            ValueError,
+            r"`log_scales`.*scalar \(shape \(\)\)",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF(
+                jnp.zeros((2, 3)), jnp.zeros((4, 3)), jnp.zeros(3)
+            ),
+            ValueError,
+            r"do not broadcast.*logits\(2, 3\), means\(4, 3\)",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0)),
+            ValueError,
+            r"K must be >= 1.*logits\(0,\)",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF(
+                jnp.zeros(3), jnp.zeros(3, jnp.int32), jnp.zeros(3)
+            ),
+            TypeError,
+            r"`means` must be a floating-point array.*int32.*\(3,\)",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF(
+                jnp.zeros(3), jnp.zeros(3), np.zeros(3, np.complex64)
+            ),
+            TypeError,
+            r"`log_scales`.*complex64",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF.from_params(jnp.zeros((2, 7))),
+            ValueError,
+            r"size 3K.*\(2, 7\)",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF.from_params(jnp.zeros((5, 6), jnp.int32)),
+            TypeError,
+            r"`params`.*int32.*\(5, 6\)",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF.from_data(np.zeros((5, 2, 2)), 2),
+            ValueError,
+            r"`x`.*\(5, 2, 2\)",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF.from_data(np.arange(10.0), 0),
+            ValueError,
+            "n_components",
+        ),
+        (
+            lambda: dm.MixtureGaussianCDF(
+                jnp.zeros(2), jnp.zeros(2), jnp.zeros(2)
+            ).forward(jnp.ones(3, jnp.complex64)),
+            TypeError,
+            r"`x` must be real.*complex64.*\(3,\)",
+        ),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_shapes(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+# -- non-finite inputs, half precision, integers --------------------------------------
+
+
+def _policy_layer():
+    return _checks.make_bijector(
+        [0.3, -1.0, 0.5, 0.0], [-2.0, 0.0, 5.0, 1.0], [-1.0, 0.5, 0.0, 0.2], DTYPE
+    )
+
+
+def test_nan_and_inf_policy_elementwise_with_finite_masked_gradients():
+    layer = _policy_layer()
+    clean = np.linspace(-8.0, 8.0, N).astype(DTYPE)
+    dirty = clean.copy()
+    nan_at, pinf_at, ninf_at = [3, 200, 511], [17, 300], [0, 18]
+    dirty[nan_at], dirty[pinf_at], dirty[ninf_at] = np.nan, np.inf, -np.inf
+    finite = np.isfinite(dirty)
+    widest = float(np.max(np.asarray(layer.log_scales)))
+    for fn, sign in ((_checks.forward, -1.0), (_checks.inverse, 1.0)):
+        out, log_det = (np.asarray(v) for v in fn(layer, jnp.asarray(dirty)))
+        out_clean, log_det_clean = (
+            np.asarray(v) for v in fn(layer, jnp.asarray(clean))
+        )
+        # The rest of the batch is bit-for-bit what it is without the bad values.
+        np.testing.assert_array_equal(out[finite], out_clean[finite])
+        np.testing.assert_array_equal(log_det[finite], log_det_clean[finite])
+        assert np.isnan(out[nan_at]).all()
+        assert np.isnan(log_det[nan_at]).all()
+        assert (out[pinf_at] == np.inf).all()
+        assert (out[ninf_at] == -np.inf).all()
+        # ±inf: the log-det's limit, ∓ max log σ (the widest component's slope).
+        np.testing.assert_array_equal(log_det[pinf_at + ninf_at], sign * widest)
+    # ...and that limit is where the finite log-det is heading far out.
+    far = jnp.asarray([-1e30, -1e6, 1e6, 1e30], DTYPE)
+    np.testing.assert_allclose(_checks.forward(layer, far)[1], -widest, atol=1e-5)
+
+    # A loss that masks the bad elements has finite gradients everywhere, equal
+    # to the gradients on the clean batch restricted to the same elements.
+    grads, x_grad = _masked_loss_grads(layer, jnp.asarray(dirty))
+    ref_grads, ref_x_grad = _masked_loss_grads(
+        layer, jnp.asarray(np.where(finite, dirty, 0.5))
+    )
+    for g in jax.tree_util.tree_leaves(grads):
+        assert np.all(np.isfinite(np.asarray(g)))
+    x_grad = np.asarray(x_grad)
+    assert np.all(x_grad[~finite] == 0.0)
+    np.testing.assert_array_equal(x_grad[finite], np.asarray(ref_x_grad)[finite])
+    # Parameter gradients: the masked slots contribute nothing either way.
+    mask_only = jnp.asarray(np.where(finite, dirty, np.nan))
+    again, _ = _masked_loss_grads(layer, mask_only)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(again), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    del ref_grads
+
+
+def test_half_precision_is_computed_in_float32_and_integers_are_promoted():
+    layer = _policy_layer()
+    x = np.linspace(-8.0, 8.0, N).astype(DTYPE)
+    # float16 forward, bfloat16 and int32 inverse (int32 forward is in
+    # test_mixture_cdf.py): each is one more compile of the same float32 map.
+    cases = [
+        (_checks.forward, jnp.float16, x),
+        (_checks.inverse, jnp.bfloat16, x),
+        (_checks.inverse, jnp.int32, np.round(x)),
+    ]
+    for fn, dtype, values in cases:
+        low = jnp.asarray(values, dtype)
+        out, log_det = fn(layer, low)
+        ref_out, ref_log_det = fn(layer, low.astype(jnp.float32))
+        # float32 out: no rounding back to 8 or 11 bits of mantissa, and the
+        # same numbers as for the exactly upcast input.
+        assert out.dtype == log_det.dtype == jnp.float32, dtype
+        np.testing.assert_array_equal(out, ref_out)
+        np.testing.assert_array_equal(log_det, ref_log_det)
+    # Far in the tail: float16 could not hold these log-dets' inputs' images.
+    far = jnp.asarray(np.full(N, 6e4), jnp.float16)
+    assert np.all(np.isfinite(np.asarray(_checks.forward(layer, far)[0])))
+
+
+# -- extreme but valid parameters ----------------------------------------------------
+
+EXTREME = {
+    "scales 1e-6 to 1e6": (
+        [0.0] * 4,
+        [0.0, 1.0, 2.0, 3.0],
+        np.log([1e-6, 1e-2, 1e2, 1e6]),
+    ),
+    "means spread over 1e6": ([0.0] * 4, [-5e5, 0.0, 1.0, 5e5], [0.0] * 4),
+    "logits -1e4 to 1e4": ([-1e4, 0.0, 1e4, 5.0], [-3.0, 0.0, 1.0, 3.0], [0.0] * 4),
+    "duplicated components": ([0.0] * 4, [1.0] * 4, [0.0] * 4),
+    "all at once": (
+        [-1e4, 1e4, 0.0, 3.0],
+        [-5e5, 0.0, 1.0, 5e5],
+        np.log([1e-6, 1e6, 1.0, 1e-3]),
+    ),
+    "vanishing weights far out": (
+        [0.0, -1e4, -1e4, -50.0],
+        [0.0, 1e6, -1e6, 30.0],
+        [0.0, -13.8, 13.8, 2.0],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTREME))
+def test_extreme_parameters_forward_monotone_and_inverse_converges(case):
+    params = tuple(np.asarray(p, np.float64) for p in EXTREME[case])
+    layer = _checks.make_bijector(*params, DTYPE)
+    _, means, log_scales = params
+    spread = float(np.exp(log_scales.max()))
+    x = np.sort(
+        np.concatenate(
+            [
+                np.linspace(
+                    means.min() - 20 * spread, means.max() + 20 * spread, N // 2
+                ),
+                # Around every component, at its own scale.
+                (
+                    means[:, None]
+                    + np.exp(log_scales)[:, None] * np.linspace(-6, 6, N // 8)
+                )
+                .ravel()
+                .astype(np.float64),
+            ]
+        )
+    ).astype(DTYPE)
+    y, log_det = (
+        np.asarray(v, np.float64) for v in _checks.forward(layer, jnp.asarray(x))
+    )
+    assert np.all(np.isfinite(y)), case
+    assert np.all(np.isfinite(log_det)), case
+    assert np.all(np.diff(y) >= 0), (case, x[np.argmin(np.diff(y))])
+    # The inverse meets the foundation issue's residual bound on latent draws
+    # and on the far latent tails.
+    latent = np.concatenate(
+        [
+            np.random.default_rng(0).normal(size=N - 8) * 2,
+            [-30, -9, -5, 0, 1e-3, 5, 9, 30],
+        ]
+    ).astype(DTYPE)
+    _checks.check_round_trip_from_y(params, DTYPE, latent)
+
+
+# "means spread over 1e6" puts points between two components 1e6 apart
+# (x ≈ -4.96e5, y ≈ -0.67 on the plateau F = 1/4, log f ≈ -7.6e6), where the
+# forward's log-weight tangent once came out NaN.
+@pytest.mark.parametrize("case", sorted(EXTREME))
+def test_extreme_parameters_gradients_are_finite(case):
+    params = tuple(np.asarray(p, np.float64) for p in EXTREME[case])
+    layer = _checks.make_bijector(*params, DTYPE)
+    _, means, log_scales = params
+    spread = float(np.exp(log_scales.max()))
+    # Data-range and latent-range points, through forward and inverse both (the
+    # masked-loss gradient function, so nothing new is compiled).
+    values = np.concatenate(
+        [
+            np.linspace(means.min() - 20 * spread, means.max() + 20 * spread, N // 2),
+            np.linspace(-30.0, 30.0, N // 2),
+        ]
+    )
+    grads = _masked_loss_grads(layer, jnp.asarray(values, DTYPE))
+    for leaf in jax.tree_util.tree_leaves(grads):
+        assert np.all(np.isfinite(np.asarray(leaf))), case
+
+
+# -- training that does not fall over ------------------------------------------------
+
+_OPTIMIZER = optax.adam(1e-2)
+
+
+def _masked_nll(layer, batch):
+    # NaN rows are masked out of the loss: with the NaN policy their gradients
+    # are exactly zero, so they cost the step nothing.
+    keep = jnp.isfinite(batch[:, 0])
+    log_prob = dm.normalizing_flow(layer, (1,)).log_prob(batch)
+    return -jnp.sum(jnp.where(keep, log_prob, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+_full_nll = jax.jit(lambda layer, data: _masked_nll(layer, data))
+
+
+@pytest.mark.parametrize("dataset", ["outliers_and_nans", "student_t_1.5"])
+def test_training_on_outliers_and_heavy_tails_never_takes_a_bad_step(dataset):
+    rng = np.random.default_rng(7)
+    if dataset == "outliers_and_nans":
+        data = rng.normal(size=2048)
+        outliers = rng.choice(2048, size=21, replace=False)
+        data[outliers] = 1e4 * np.sign(rng.normal(size=21))  # 1% at 1e4 σ
+        data[rng.choice(2048, size=5, replace=False)] = np.nan
+    else:
+        data = scipy.stats.t(df=1.5).rvs(size=2048, random_state=rng)
+    data = data.astype(DTYPE)[:, None]
+    finite = np.isfinite(data[:, 0])
+    layer = dm.MixtureGaussianCDF.from_data(data[finite], n_components=K)
+    result = dm.fit(
+        layer,
+        data,
+        _OPTIMIZER,
+        steps=20,
+        batch_size=256,
+        loss_fn=_masked_nll,
+        show_progress=False,
+    )
+    # Finite loss at every step, and no step skipped: the gradients and the
+    # updated parameters were finite at every step too (fit counts otherwise).
+    assert result.losses.shape == (20,)
+    assert np.all(np.isfinite(result.losses)), result.losses
+    assert result.skipped_steps == 0
+    # It learns: the full-data loss falls.
+    before = float(_full_nll(layer, jnp.asarray(data)))
+    after = float(_full_nll(result.model, jnp.asarray(data)))
+    assert np.isfinite(after)
+    assert after < before, (before, after)
+
+
+# -- chunked evaluation ----------------------------------------------------------------
+
+
+def test_map_in_chunks_matches_one_call_and_writes_to_memmaps(tmp_path):
+    layer = _policy_layer()
+    x = np.random.default_rng(8).normal(size=N).astype(DTYPE) * 4
+    y, log_det = (np.asarray(v) for v in _checks.forward(layer, jnp.asarray(x)))
+    # 512 rows in chunks of 200: two full chunks and a padded one.
+    disk_x = np.memmap(tmp_path / "x.f32", DTYPE, mode="w+", shape=(N,))
+    disk_x[:] = x
+    out = (
+        np.memmap(tmp_path / "y.f32", DTYPE, mode="w+", shape=(N,)),
+        np.memmap(tmp_path / "ld.f32", DTYPE, mode="w+", shape=(N,)),
+    )
+    returned = dm.map_in_chunks(layer.forward_and_log_det, disk_x, 200, out=out)
+    assert returned is out
+    # Equal up to XLA's batch-size-dependent vectorisation (measured 6e-7).
+    np.testing.assert_allclose(out[0], y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[1], log_det, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        dm.map_in_chunks(layer.forward, x, 0)
+    with pytest.raises(ValueError, match=r"`out` leaf of shape \(3,\)"):
+        dm.map_in_chunks(layer.forward, x, 200, out=np.zeros(3, DTYPE))
