@@ -287,7 +287,7 @@ def _validated_columns(x: Any, n_components: int) -> tuple[np.ndarray, bool]:
 
 def _raise_if_not_finite(finite: np.ndarray, shape: tuple[int, ...], what: str):
     if not finite.all():
-        bad_dims = ~finite.all(axis=1)
+        bad_dims = np.asarray(~finite.all(axis=1))
         where = "" if len(shape) == 1 else f" in dimension(s) {_dims_where(bad_dims)}"
         raise ValueError(
             f"`x` contains {int((~finite).sum())} {what}{where}; shape {shape}."

@@ -384,9 +384,9 @@ class _Spec:
 
     def rebuild(self, params: Sequence[jax.Array]) -> Any:
         """The model with ``params`` in the trainable slots."""
-        params, kept = iter(params), iter(self.kept)
+        trained, kept = iter(params), iter(self.kept)
         return jax.tree_util.tree_unflatten(
-            self.treedef, [next(params) if t else next(kept) for t in self.trainable]
+            self.treedef, [next(trained) if t else next(kept) for t in self.trainable]
         )
 
     def loss(self, params: Sequence[jax.Array], batch: Any) -> jax.Array:
@@ -480,7 +480,11 @@ def _train_step(spec: _Spec, params, opt_state, key, skipped, data):
     updates, new_opt_state = spec.optimizer.update(grads, opt_state, params)
     new_params = [
         p.astype(d)
-        for p, d in zip(optax.apply_updates(params, updates), spec.dtypes, strict=True)
+        for p, d in zip(
+            jax.tree_util.tree_leaves(optax.apply_updates(params, updates)),
+            spec.dtypes,
+            strict=True,
+        )
     ]
     ok = jnp.isfinite(value) & _all_finite(grads) & _all_finite(new_params)
     params = _keep_if(ok, new_params, params)
