@@ -49,7 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from distrax_mixcdf.mixture_cdf import MixtureGaussianCDF
-from distrax_mixcdf.rotations import FixedRotation, Householder, _reflect, pca_matrix
+from distrax_mixcdf.rotations import (
+    FixedRotation,
+    Householder,
+    _householder_qr,
+    _reflect,
+    pca_matrix,
+)
 from distrax_mixcdf.training import normalizing_flow
 
 __all__ = [
@@ -492,7 +498,7 @@ def gaussianization_flow(
         if rotation == "householder":
             # Flip output signs so that W's Householder QR has R = I: exactly
             # D − 1 reflections, and the flow is unchanged in distribution.
-            w = w * _qr_signs(w)[:, None]
+            w = w * _householder_qr(w)[1][:, None]
             rot: distrax.Bijector = Householder.from_matrix(w.astype(dtype))
         else:
             rot = FixedRotation(w.astype(dtype))
@@ -531,20 +537,6 @@ def _unrolled(
         x, ld = b.inverse_and_log_det(x) if inverse else b.forward_and_log_det(x)
         log_det = log_det + ld
     return x, log_det
-
-
-def _qr_signs(w: np.ndarray) -> np.ndarray:
-    """``diag(R)`` signs of the Householder QR of ``Wᵀ`` (as in ``from_matrix``)."""
-    a = np.asarray(w, np.float64).T.copy()
-    dim = a.shape[0]
-    for j in range(dim - 1):
-        col = a[j:, j]
-        v = col.copy()
-        v[0] += np.copysign(np.linalg.norm(col), col[0])
-        v_full = np.zeros(dim)
-        v_full[j:] = v
-        a = a - 2.0 * np.outer(v_full, v_full @ a) / (v_full @ v_full)
-    return np.where(np.diag(a) < 0, -1.0, 1.0)
 
 
 # -- coupling flow -------------------------------------------------------------------

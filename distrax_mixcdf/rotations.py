@@ -65,6 +65,33 @@ def _reflect(x: jax.Array, v: jax.Array) -> jax.Array:
     return x - coef * v
 
 
+def _householder_qr(matrix: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    r"""Householder QR of :math:`W^\top` on the host, in float64.
+
+    .. math:: W^\top = G_0 \cdots G_{D-2}\, R, \qquad
+              G_j = I - 2\,\frac{v_j v_j^\top}{v_j^\top v_j}.
+
+    Args:
+      matrix: ``[D, D]`` matrix ``W``.
+
+    Returns:
+      ``(vectors, signs)``: the ``D-1`` reflection vectors ``v_j`` and the signs
+      of ``diag(R)`` (``R = diag(signs)`` when ``W`` is orthogonal).
+    """
+    a = np.asarray(matrix, np.float64).T.copy()
+    dim = a.shape[0]
+    vectors = []
+    for j in range(dim - 1):
+        col = a[j:, j]
+        v = col.copy()
+        v[0] += np.copysign(np.linalg.norm(col), col[0])
+        v_full = np.zeros(dim)
+        v_full[j:] = v
+        a = a - 2.0 * np.outer(v_full, v_full @ a) / (v_full @ v_full)
+        vectors.append(v_full)
+    return vectors, np.where(np.diag(a) < 0, -1.0, 1.0)
+
+
 class Householder(distrax.Bijector):
     r"""Learnable orthogonal map: a product of Householder reflections.
 
@@ -148,21 +175,12 @@ class Householder(distrax.Bijector):
             raise ValueError(f"`matrix` must be square [D, D], got shape {w.shape}.")
         dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
         _check_orthogonal(w, "matrix")
-        a = w.astype(np.float64).T.copy()
-        dim = a.shape[0]
-        vectors = []
-        for j in range(dim - 1):
-            col = a[j:, j]
-            v = col.copy()
-            v[0] += np.copysign(np.linalg.norm(col), col[0])
-            v_full = np.zeros(dim)
-            v_full[j:] = v
-            a = a - 2.0 * np.outer(v_full, v_full @ a) / (v_full @ v_full)
-            vectors.append(v_full)
-        # a is now R = diag(±1): W^T = G_0 ⋯ G_{D-2} R, so W = R G_{D-2} ⋯ G_0.
+        dim = w.shape[0]
+        vectors, signs = _householder_qr(w)
+        # W^T = G_0 ⋯ G_{D-2} R with R = diag(signs), so W = R G_{D-2} ⋯ G_0.
         # Forward applies vectors[0] first: the QR reflections in order, then
         # R's coordinate flips.
-        flips = [np.eye(dim)[j] for j in range(dim) if a[j, j] < 0]
+        flips = [np.eye(dim)[j] for j in range(dim) if signs[j] < 0]
         ordered = vectors + flips
         if not ordered:
             return cls(np.zeros((0, dim), dtype))
