@@ -41,6 +41,7 @@ from jax import lax
 from jax.scipy.special import erfc, ndtri
 
 from distrax_mixcdf._gaussian import (
+    _LOG_SQRT_2PI,
     _log_survival_and_log_mills,
     log_mills_ratio,
     ndtri_exp,
@@ -58,8 +59,6 @@ __all__ = [
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2PI = math.sqrt(2.0 * math.pi)
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _smallest_bulk_tail(dtype) -> float:
