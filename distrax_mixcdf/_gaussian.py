@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import erfc, ndtri
 
-__all__ = ["log_mills_ratio", "log_survival", "ndtri_exp"]
+__all__ = ["log_mills_ratio", "log_survival", "ndtri_exp", "survival"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -80,6 +80,45 @@ def _log_survival_and_log_mills(u: jax.Array) -> tuple[jax.Array, jax.Array]:
         log_survival_direct + half_u_squared + _LOG_SQRT_2PI,
     )
     return log_survival, log_mills
+
+
+# Chebyshev fit of erfc (Numerical Recipes' `erfcc`): one exp, one division
+# and a degree-9 polynomial, fractional error < 1.2e-7 for every x >= 0. In
+# float32 it matches `jax.scipy.special.erfc` (both ~4e-6 relative at x = 9,
+# from rounding x²) at about half the cost, which matters inside the
+# backward pass; float64 keeps `erfc`.
+_ERFC_CHEBYSHEV = (
+    -1.26551223,
+    1.00002368,
+    0.37409196,
+    0.09678418,
+    -0.18628806,
+    0.27886807,
+    -1.13520398,
+    1.48851587,
+    -0.82215223,
+    0.17087277,
+)
+
+
+def survival(u: jax.Array) -> jax.Array:
+    r"""The upper tail ``Q(u) = 1 - Φ(u) = erfc(u/\sqrt 2)/2`` in linear space.
+
+    .. math:: Q(u) = \tfrac12\,\mathrm{erfc}\big(u/\sqrt2\big)
+
+    Relative error ~1 ulp where ``Q(u)`` is a normal number (about 4e-6 at
+    ``u = 13`` in float32, from rounding ``u²``); for ``u < 0`` it is
+    ``1 - Q(-u)``.
+    """
+    if jnp.dtype(u.dtype) != jnp.float32:
+        return 0.5 * erfc(u * _INV_SQRT_2)
+    a = jnp.abs(u) * _INV_SQRT_2
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = jnp.full_like(a, _ERFC_CHEBYSHEV[-1])
+    for coefficient in _ERFC_CHEBYSHEV[-2::-1]:
+        poly = coefficient + t * poly
+    upper = 0.5 * t * jnp.exp(poly - jnp.square(a))
+    return jnp.where(u < 0, 1.0 - upper, upper)
 
 
 def log_survival(u: jax.Array) -> jax.Array:

@@ -4,6 +4,8 @@ The float64 counterparts live in `test_mixture_cdf_float64.py` (x64 is enabled
 there only, so it cannot leak into these tests).
 """
 
+import itertools
+
 import _checks
 import distrax
 import jax
@@ -327,3 +329,60 @@ def test_plain_newton_never_returns_an_unconverged_iterate():
     x = bijector.inverse(y)
     np.testing.assert_allclose(bijector.forward(x), y, atol=1e-6)
     np.testing.assert_allclose(x, [1.6345799, 1.9732018], rtol=1e-5)
+
+
+@jax.jit
+def _weighted_loss_grads(bijector, values, weights):
+    """Parameter gradients of a weighted sum over forward and inverse outputs."""
+
+    def loss(b):
+        total = 0.0
+        for fn in (b.forward_and_log_det, b.inverse_and_log_det):
+            out, log_det = fn(values)
+            total = total + jnp.sum(weights * (out + 0.5 * log_det))
+        return total
+
+    return jax.grad(loss)(bijector)
+
+
+@pytest.mark.parametrize("case", ["shared", "per_element"])
+def test_chunked_tangent_rule_matches_one_piece(case):
+    """Batches of >= 2 x 65536 elements take the chunked, rematerialised rule.
+
+    Its gradients must equal those computed over slices small enough to run in
+    one piece (to float32 summation-order rounding). "shared": 131104 inputs
+    (no split into chunks of a multiple of 16, so the last chunk is padded),
+    one parameter set (fixed across chunks).
+    "per_element": [N] inputs with [N, K] parameters (chunked with the rows).
+    """
+    rng = np.random.default_rng(7)
+    n = 131_104 if case == "shared" else 131_072
+    param_shape = (4,) if case == "shared" else (n, 4)
+    params = (
+        rng.normal(size=param_shape),
+        rng.normal(size=param_shape) * 2,
+        rng.normal(size=param_shape) * 0.4 - 0.3,
+    )
+    layer = _checks.make_bijector(*params, DTYPE)
+    values = jnp.asarray(rng.normal(size=n) * 2, DTYPE)
+    weights = jnp.asarray(rng.uniform(0.5, 1.5, size=n), DTYPE)
+    whole = _weighted_loss_grads(layer, values, weights)
+    names = ("logits", "means", "log_scales")
+    if case == "per_element":
+        for lo, hi in ((0, n // 2), (n // 2, n)):
+            part = MixtureGaussianCDF(*(getattr(layer, a)[lo:hi] for a in names))
+            grads = _weighted_loss_grads(part, values[lo:hi], weights[lo:hi])
+            for a in names:
+                np.testing.assert_allclose(
+                    getattr(grads, a), getattr(whole, a)[lo:hi], rtol=1e-5, atol=1e-5
+                )
+        return
+    edges = np.linspace(0, n, 9).astype(int)  # 8 equal slices
+    parts = [
+        _weighted_loss_grads(layer, values[lo:hi], weights[lo:hi])
+        for lo, hi in itertools.pairwise(edges)
+    ]
+    for a in names:
+        want = np.sum([np.asarray(getattr(g, a)) for g in parts], axis=0)
+        scale = np.max(np.abs(want))
+        np.testing.assert_allclose(getattr(whole, a), want, atol=2e-4 * scale)

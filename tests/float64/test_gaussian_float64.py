@@ -20,3 +20,7 @@ def test_ndtri_exp_derivative_is_the_mills_ratio():
 
 def test_tail_functions_propagate_nan_per_element():
     shared.check_nan_propagation(DTYPE)
+
+
+def test_survival_matches_mpmath():
+    shared.check_survival(DTYPE)
