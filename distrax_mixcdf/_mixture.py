@@ -163,19 +163,23 @@ def _max_of(terms):
     return jnp.where(jnp.isfinite(largest), largest, 0.0)
 
 
-def _bulk_log_det(x, params, y_bulk):
-    """``log f(x) - log φ(y)`` with ``log f`` by a max-shifted logsumexp.
+def _log_density(x, params):
+    """``log f(x) + log sqrt(2 pi)`` by a max-shifted logsumexp over components.
 
     The shift keeps ``log f`` exact between far-apart components, where ``f``
-    itself underflows while ``y`` is still in the bulk.
+    itself underflows (while ``y`` may still be in the bulk).
     """
     terms = _log_density_terms(x, params)
     shift = _max_of(terms)
     total = jnp.zeros((), x.dtype)
     for term in terms:
         total = total + jnp.exp(term - shift)
-    # The 1/sqrt(2 pi) factors of f and φ cancel.
-    return shift + jnp.log(total) + 0.5 * jnp.square(y_bulk)
+    return shift + jnp.log(total)
+
+
+def _bulk_log_det(x, params, y_bulk):
+    """``log f(x) - log φ(y)``; the 1/sqrt(2 pi) factors of f and φ cancel."""
+    return _log_density(x, params) + 0.5 * jnp.square(y_bulk)
 
 
 def log_det_slope(
@@ -430,6 +434,16 @@ class TangentCoefficients(NamedTuple):
     curvature: jax.Array
 
 
+def _standardized_and_responsibilities(x, params, log_density_sum):
+    """``z_k = (x - μ_k)/σ_k`` and ``ρ_k = w_k φ(z_k)/(σ_k f(x))``, ``[..., K]``."""
+    log_weights, means, log_scales = params
+    z = (x[..., None] - means) * jnp.exp(-log_scales)
+    density_resp = jnp.exp(
+        log_weights - log_scales - 0.5 * jnp.square(z) - log_density_sum[..., None]
+    )
+    return z, density_resp
+
+
 def _bulk_coefficients(x, params, y, log_density_sum, log_factor, mills_offset):
     """Coefficients where every tail mass is resolved in linear space.
 
@@ -439,12 +453,9 @@ def _bulk_coefficients(x, params, y, log_density_sum, log_factor, mills_offset):
     whose NaN would leak into second derivatives.
     """
     del mills_offset
-    log_weights, means, log_scales = params
+    log_weights = params[0]
     sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
-    z = (x[..., None] - means) * jnp.exp(-log_scales)
-    density_resp = jnp.exp(
-        log_weights - log_scales - 0.5 * jnp.square(z) - log_density_sum[..., None]
-    )
+    z, density_resp = _standardized_and_responsibilities(x, params, log_density_sum)
     tail = survival(sign[..., None] * z)
     signed_tail_weights = (
         jnp.exp(log_weights) * tail * _capped_signed_factor(sign, log_factor)
@@ -463,18 +474,10 @@ def _log_space_coefficients(x, params, y, log_density_sum, log_factor, mills_off
     mass would in the far tails.
     """
     del log_density_sum, log_factor
-    log_weights, means, log_scales = params
+    log_weights = params[0]
     sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
-    log_density = _log_density_terms(x, params)
-    shift = _max_of(log_density)
-    total = jnp.zeros((), x.dtype)
-    for term in log_density:
-        total = total + jnp.exp(term - shift)
-    log_density_sum = shift + jnp.log(total)
-    z = (x[..., None] - means) * jnp.exp(-log_scales)
-    density_resp = jnp.exp(
-        log_weights - log_scales - 0.5 * jnp.square(z) - log_density_sum[..., None]
-    )
+    log_density_sum = _log_density(x, params)
+    z, density_resp = _standardized_and_responsibilities(x, params, log_density_sum)
     log_masses = log_weights + _log_survival_and_log_mills(sign[..., None] * z)[0]
     mass_shift = jnp.max(log_masses, axis=-1, keepdims=True)
     mass_shift = jnp.where(jnp.isfinite(mass_shift), mass_shift, 0.0)
@@ -639,6 +642,8 @@ def _chunk_tangents(x, y, log_det, known_dot, params, params_dot, solve_for):
     rho = coefficients.density_resp
     shape = rho.shape[:-1]
     _, means, log_scales = params
+    # z again rather than a third [chunk, K] output of the cond above: one
+    # subtract and one multiply per entry, fused into the kernels that use it.
     z = (x[..., None] - means) * jnp.exp(-log_scales)
     weight_dot, mean_dot, log_scale_dot = (
         _broadcast_tangent(p, shape) for p in params_dot
