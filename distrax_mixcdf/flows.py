@@ -566,6 +566,21 @@ def _mlp(layers: Sequence[tuple[jax.Array, jax.Array]], x: jax.Array) -> jax.Arr
     return x
 
 
+def _coupling_step(layer, values, num_components, options, inverse):
+    """One masked coupling layer of the scanned stack, either direction.
+
+    ``layer`` is ``(conditioner weights, mask)``; masked entries pass through
+    and condition the mixture parameters of the others. Returns the new values
+    and the layer's log-det summed over the event axis.
+    """
+    weights, mask = layer
+    params = _conditioner_params(weights, jnp.where(mask, values, 0), num_components)
+    bijector = MixtureGaussianCDF.from_params(params, **options)
+    mapped = bijector.inverse_and_log_det if inverse else bijector.forward_and_log_det
+    out, log_det = mapped(values)
+    return jnp.where(mask, values, out), jnp.where(mask, 0, log_det).sum(-1)
+
+
 def _conditioner_params(
     weights: Sequence[tuple[jax.Array, jax.Array]], masked_x: Any, k: int
 ) -> jax.Array:
@@ -741,13 +756,8 @@ class CouplingFlow(_FlowMethods):
 
         def body(carry, layer):
             z, log_det = carry
-            weights, mask = layer
-            params = _conditioner_params(weights, jnp.where(mask, z, 0), k)
-            y, ld = MixtureGaussianCDF.from_params(
-                params, **options
-            ).forward_and_log_det(z)
-            y = jnp.where(mask, z, y)
-            return (y, log_det + jnp.where(mask, 0, ld).sum(-1)), None
+            y, ld = _coupling_step(layer, z, k, options, inverse=False)
+            return (y, log_det + ld), None
 
         (z, log_det), _ = jax.lax.scan(body, (x, log_det), stacked)
         return z, log_det
@@ -760,13 +770,8 @@ class CouplingFlow(_FlowMethods):
 
         def body(carry, layer):
             y, log_det = carry
-            weights, mask = layer
-            params = _conditioner_params(weights, jnp.where(mask, y, 0), k)
-            x, ld = MixtureGaussianCDF.from_params(
-                params, **options
-            ).inverse_and_log_det(y)
-            x = jnp.where(mask, y, x)
-            return (x, log_det + jnp.where(mask, 0, ld).sum(-1)), None
+            x, ld = _coupling_step(layer, y, k, options, inverse=True)
+            return (x, log_det + ld), None
 
         init = (z, jnp.zeros(z.shape[:-1], z.dtype))
         (x, log_det), _ = jax.lax.scan(body, init, stacked, reverse=True)

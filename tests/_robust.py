@@ -26,21 +26,17 @@ def masked_loss_grads(bijector, values):
 
 
 @st.composite
-def extreme_mixtures(draw, k=4, max_log_gap=13.8, vanishing_weights=True):
+def extreme_mixtures(draw, k=4):
     """K = 4 mixtures across the reliability envelope.
 
-    Scales from 1e-6 to 1e6, means spread up to ``exp(max_log_gap)`` times the
-    widest scale (e^13.8 ≈ 1e6 by default), logits from -1e4 to 1e4 (vanishing weights),
-    and duplicated components. ``vanishing_weights=False`` keeps logits in
-    [-5, 5].
+    Scales from 1e-6 to 1e6, means spread up to e^13.8 ≈ 1e6 times the widest
+    scale, logits from -1e4 to 1e4 (vanishing weights), and duplicated
+    components.
     """
+    max_log_gap = 13.8
     finite = lambda lo, hi: st.floats(lo, hi, allow_nan=False, allow_infinity=False)  # noqa: E731
     extreme = st.sampled_from([-1e4, -50.0, 50.0, 1e4])
-    logit = (
-        st.one_of(finite(-5.0, 5.0), extreme)
-        if vanishing_weights
-        else finite(-5.0, 5.0)
-    )
+    logit = st.one_of(finite(-5.0, 5.0), extreme)
     logits = draw(st.lists(logit, min_size=k, max_size=k))
     log_scales = draw(
         st.lists(finite(np.log(1e-6), np.log(1e6)), min_size=k, max_size=k)

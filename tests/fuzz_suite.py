@@ -17,6 +17,15 @@ N = 512
 counts: collections.Counter = collections.Counter()
 
 
+def report_counts(request, dtype):
+    """Prints the examples tried per check, past pytest's output capture."""
+    lines = [f"  {name}: {n}" for name, n in sorted(counts.items())]
+    text = f"\nfuzz ({np.dtype(dtype).name}): examples tried\n" + "\n".join(lines)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(text)
+
+
 def check_forward_finite_monotone(params, dtype, seed):
     counts["forward finite, monotone, exact"] += 1
     layer = _checks.make_bijector(*params, dtype)

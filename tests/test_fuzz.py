@@ -21,12 +21,7 @@ SEEDS = st.integers(0, 2**16)
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts(request):
     yield
-    lines = [f"  {name}: {n}" for name, n in sorted(fuzz_suite.counts.items())]
-    text = f"\nfuzz ({DTYPE.__name__}): examples tried\n" + "\n".join(lines)
-    # Printed past pytest's output capture, so it shows without -s.
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(text)
+    fuzz_suite.report_counts(request, DTYPE)
 
 
 @given(_robust.extreme_mixtures(), SEEDS)
