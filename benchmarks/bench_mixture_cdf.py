@@ -3,8 +3,11 @@
 Run:  python benchmarks/bench_mixture_cdf.py [--n 1000000] [--k 8] [--dtype float32]
 
 Every row is measured in this process on the same data: jit warm-up first,
-then the median of `--repeats` runs (block_until_ready). Ratios are the figures
-to compare across machines; absolute milliseconds drift with load.
+then `--repeats` rounds in which every row runs once, in turn
+(block_until_ready), and each row reports its median. Timing the rows
+round-robin rather than one after the other keeps a slow spell of this shared
+machine from landing on one row only, so the ratios drift less. Ratios are the
+figures to compare across machines; absolute milliseconds drift with load.
 
 Baselines:
 * naive forward: ``ndtri(Σ w ndtr(z))`` with log-det (the textbook formula,
@@ -25,16 +28,24 @@ import numpy as np
 
 from distrax_mixcdf import MixtureGaussianCDF
 from distrax_mixcdf._mixture import naive_forward_and_log_det
+from distrax_mixcdf._root_finding import ROOT_FINDERS
 
 
-def median_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
+def round_robin_medians(calls, repeats):
+    """Median seconds of each ``(fn, args)`` in ``calls``, timed in turn.
+
+    Each call is compiled and warmed up first; then every round runs each call
+    once, so load changes during the run spread over all rows alike.
+    """
+    for fn, args in calls:
+        jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = [[] for _ in calls]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for (fn, args), row_times in zip(calls, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            row_times.append(time.perf_counter() - start)
+    return [statistics.median(row_times) for row_times in times]
 
 
 def textbook_bisection(y, params, steps=60, box=100.0):
@@ -106,52 +117,56 @@ def main():
         jax.value_and_grad(lambda b, v: -jnp.mean(b.forward_and_log_det(v)[1]))
     )
 
-    rows = []
     r = args.repeats
-    t_naive = median_time(jax.jit(naive_forward_and_log_det), x, params, repeats=r)
-    t_forward = median_time(forward, bijector, x, repeats=r)
-
-    def add(name, seconds, error="", note=""):
-        rows.append((name, seconds, error, note))
-
-    y_naive, _ = jax.jit(naive_forward_and_log_det)(x, params)
-    add(
-        "naive forward (baseline)",
-        t_naive,
-        note=f"non-finite y: {int(jnp.sum(~jnp.isfinite(y_naive)))}",
+    naive = jax.jit(naive_forward_and_log_det)
+    bisect = jax.jit(textbook_bisection)
+    finders = {name: bijector_with(root_finder=name) for name in ROOT_FINDERS}
+    t_naive, t_forward, t_forward_vg, *t_finders, t_vg, t_bisect = round_robin_medians(
+        [
+            (naive, (x, params)),
+            (forward, (bijector, x)),
+            (forward_value_and_grad, (bijector, x)),
+            *((inverse, (b, y)) for b in finders.values()),
+            (inverse_value_and_grad, (bijector, y)),
+            (bisect, (y, params)),
+        ],
+        repeats=r,
     )
-    add("forward_and_log_det (ours)", t_forward)
-    add(
-        "value_and_grad of forward NLL (ours)",
-        median_time(forward_value_and_grad, bijector, x, repeats=r),
-    )
-    for finder in ("hybrid", "newton", "bisection"):
-        b = bijector_with(root_finder=finder)
-        t = median_time(inverse, b, y, repeats=r)
-        x_hat, _ = inverse(b, y)
-        residual = float(jnp.max(jnp.abs(forward(b, x_hat)[0] - y)))
+
+    def residual(x_hat):
+        return f"{float(jnp.max(jnp.abs(forward(bijector, x_hat)[0] - y))):.1e}"
+
+    y_naive, _ = naive(x, params)
+    rows = [
+        (
+            "naive forward (baseline)",
+            t_naive,
+            "",
+            f"non-finite y: {int(jnp.sum(~jnp.isfinite(y_naive)))}",
+        ),
+        ("forward_and_log_det (ours)", t_forward, "", ""),
+        ("value_and_grad of forward NLL (ours)", t_forward_vg, "", ""),
+    ]
+    for (name, b), t in zip(finders.items(), t_finders):
         label = (
             "inverse_and_log_det (ours, default)"
-            if finder == "hybrid"
-            else f"inverse_and_log_det, root_finder={finder!r}"
+            if name == "hybrid"
+            else f"inverse_and_log_det, root_finder={name!r}"
         )
-        add(label, t, f"{residual:.1e}")
-    t_vg = median_time(inverse_value_and_grad, bijector, y, repeats=r)
-    add("value_and_grad through inverse (ours, implicit)", t_vg)
-    bisect = jax.jit(textbook_bisection)
-    t_bisect = median_time(bisect, y, params, repeats=r)
-    x_bisect = bisect(y, params)
-    residual = float(jnp.max(jnp.abs(forward(bijector, x_bisect)[0] - y)))
-    add(
-        "textbook bisection, 60 steps in [-100, 100] (baseline)",
-        t_bisect,
-        f"{residual:.1e}",
-        "no gradient",
+        rows.append((label, t, residual(inverse(b, y)[0]), ""))
+    rows.append(("value_and_grad through inverse (ours, implicit)", t_vg, "", ""))
+    rows.append(
+        (
+            "textbook bisection, 60 steps in [-100, 100] (baseline)",
+            t_bisect,
+            residual(bisect(y, params)),
+            "no gradient",
+        )
     )
 
     print(
         f"N = {args.n:.0e} {args.dtype} points, K = {args.k}, "
-        f"median of {r} runs after jit warm-up"
+        f"median of {r} round-robin runs after jit warm-up"
     )
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, "
@@ -167,7 +182,7 @@ def main():
             f"| {name} | {seconds * 1e3:.1f} | {seconds / t_forward:.2f} | "
             f"{seconds / t_naive:.2f} | {error} | {note} |"
         )
-    t_inverse = rows[3][1]
+    t_inverse = t_finders[0]  # hybrid, the default
     print(f"\ninverse / forward = {t_inverse / t_forward:.2f}   (target ≤ 3)")
     print(f"inverse+grad / inverse = {t_vg / t_inverse:.2f}   (target ≤ 1.5)")
     print(f"forward / naive forward = {t_forward / t_naive:.2f}   (target ≤ 1.6)")

@@ -6,6 +6,8 @@ upper tail ``Q(u) = 1 - Φ(u)`` and the Mills ratio ``R(u) = Q(u) / φ(u)``:
 * :func:`log_survival` -- ``log Q(u)`` for every real ``u``;
 * :func:`log_mills_ratio` -- ``log R(u)``, the slope-carrying quantity that stays
   ``O(log u)`` where ``log Q`` and ``log φ`` are both ``O(u²)``;
+* :func:`mills_ratio` -- ``R(u)`` itself for ``u ≥ 0``, exp-free in float32 (the
+  backward pass evaluates it once per element and component);
 * :func:`ndtri_exp` -- the inverse of ``log Φ``, which neither jax nor TFP ships.
 
 Why the Mills ratio: far in a tail, ``log f(x) - log φ(y)`` subtracts two numbers
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import erfc, ndtri
 
-__all__ = ["log_mills_ratio", "log_survival", "ndtri_exp", "survival"]
+__all__ = ["log_mills_ratio", "log_survival", "mills_ratio", "ndtri_exp"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -82,43 +84,53 @@ def _log_survival_and_log_mills(u: jax.Array) -> tuple[jax.Array, jax.Array]:
     return log_survival, log_mills
 
 
-# Chebyshev fit of erfc (Numerical Recipes' `erfcc`): one exp, one division
-# and a degree-9 polynomial, fractional error < 1.2e-7 for every x >= 0. In
-# float32 it matches `jax.scipy.special.erfc` (both ~4e-6 relative at x = 9,
-# from rounding x²) at about half the cost, which matters inside the
-# backward pass; float64 keeps `erfc`.
-_ERFC_CHEBYSHEV = (
-    -1.26551223,
-    1.00002368,
-    0.37409196,
-    0.09678418,
-    -0.18628806,
-    0.27886807,
-    -1.13520398,
-    1.48851587,
-    -0.82215223,
-    0.17087277,
+# float32 Mills ratio R(u) = t G(t), t = 1/(1 + 0.4 u), u >= 0: G(t) = R(u)/t is
+# smooth on t in [0, 1] (G(0) = 1/0.4, from R(u) ~ 1/u). This degree-9
+# polynomial in t (a relative least-squares Chebyshev fit, converted to powers
+# of t) matches it to 1.6e-7, and float32 evaluation stays within 3.9e-7 of
+# R (tested against mpmath). No exp: inside the backward pass this replaces
+# one `erfc` per component, and two fewer terms than a degree-11 fit measured
+# ~10% off that kernel.
+_MILLS_POLYNOMIAL = (
+    3.9999993511e-01,
+    4.0001522510e-01,
+    3.3541791218e-01,
+    2.1653398357e-01,
+    -1.5956903507e-02,
+    1.7218848121e-01,
+    -7.4427242614e-01,
+    7.8260955375e-01,
+    -3.5546984124e-01,
+    6.2248143090e-02,
 )
+_MILLS_T_SCALE = 0.4
 
 
-def survival(u: jax.Array) -> jax.Array:
-    r"""The upper tail ``Q(u) = 1 - Φ(u) = erfc(u/\sqrt 2)/2`` in linear space.
+def mills_ratio(u: jax.Array) -> jax.Array:
+    r"""The Mills ratio ``R(u) = Q(u)/φ(u)`` for ``u ≥ 0`` (and ``u = +inf``).
 
-    .. math:: Q(u) = \tfrac12\,\mathrm{erfc}\big(u/\sqrt2\big)
+    .. math:: R(u) = \frac{1 - \Phi(u)}{\varphi(u)}
+        = \sqrt{\pi/2}\;\mathrm{erfcx}\big(u/\sqrt2\big)
 
-    Relative error ~1 ulp where ``Q(u)`` is a normal number (about 4e-6 at
-    ``u = 13`` in float32, from rounding ``u²``); for ``u < 0`` it is
-    ``1 - Q(-u)``.
+    float32: an exp-free rational form, ``t·G(t)`` with ``t = 1/(1 + 0.4u)``
+    and ``G`` a degree-9 polynomial (relative error ≤ 4e-7);
+    float64: ``exp(log_mills_ratio(u))`` (≤ 4 eps·u² relative, from rounding
+    ``u²/2``).
+
+    Args:
+      u: Array of any shape and floating dtype, ``u ≥ 0``; negative ``u`` is
+        outside the domain (there ``R`` grows like ``e^{u²/2}``).
+
+    Returns:
+      ``R(u)`` with the shape and dtype of ``u``; ``0`` at ``+inf``, NaN at NaN.
     """
     if jnp.dtype(u.dtype) != jnp.float32:
-        return 0.5 * erfc(u * _INV_SQRT_2)
-    a = jnp.abs(u) * _INV_SQRT_2
-    t = 1.0 / (1.0 + 0.5 * a)
-    poly = jnp.full_like(a, _ERFC_CHEBYSHEV[-1])
-    for coefficient in _ERFC_CHEBYSHEV[-2::-1]:
+        return jnp.exp(log_mills_ratio(u))
+    t = 1.0 / (1.0 + _MILLS_T_SCALE * u)
+    poly = jnp.full_like(t, _MILLS_POLYNOMIAL[-1])
+    for coefficient in _MILLS_POLYNOMIAL[-2::-1]:
         poly = coefficient + t * poly
-    upper = 0.5 * t * jnp.exp(poly - jnp.square(a))
-    return jnp.where(u < 0, 1.0 - upper, upper)
+    return t * poly
 
 
 def log_survival(u: jax.Array) -> jax.Array:

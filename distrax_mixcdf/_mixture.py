@@ -49,8 +49,8 @@ from distrax_mixcdf._gaussian import (
     _LOG_SQRT_2PI,
     _log_survival_and_log_mills,
     log_mills_ratio,
+    mills_ratio,
     ndtri_exp,
-    survival,
 )
 
 __all__ = [
@@ -405,19 +405,50 @@ def _capped_signed_factor(sign, log_factor):
     return (sign * _capped_exp(log_factor))[..., None]
 
 
-def _density_slope(x, params, log_density_sum):
-    """``-f'(x)/f(x) = Σ_k ρ_k z_k/σ_k`` as one flat kernel over the components.
+class _Mixture(NamedTuple):
+    """The per-component arrays ``[..., K]`` the tangent rule reads.
 
-    Flat on purpose: the same sum as a minor-axis reduction of the ``[..., K]``
-    coefficients measured ~10x slower on XLA's CPU backend.
+    Formed once per call, outside the chunk loop of `tangents_at`: computed
+    inside it (behind the remat barrier, which XLA does not hoist across), each
+    component's ``exp(±log σ_k)`` and ``exp(log w_k)`` ran as a tiny kernel of
+    its own, more than a dozen per chunk.
     """
-    slope = jnp.zeros((), x.dtype)
-    for log_weight, mean, log_scale in _components(params):
-        inv_scale = jnp.exp(-log_scale)
-        z = (x - mean) * inv_scale
-        term = log_weight - log_scale - 0.5 * jnp.square(z) - log_density_sum
-        slope = slope + jnp.exp(term) * z * inv_scale
-    return slope
+
+    log_weights: jax.Array
+    means: jax.Array
+    log_scales: jax.Array
+    weights: jax.Array
+    scales: jax.Array
+    inv_scales: jax.Array
+
+    @property
+    def params(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.log_weights, self.means, self.log_scales
+
+
+def _mixture_arrays(params) -> _Mixture:
+    log_weights, means, log_scales = params
+    return _Mixture(
+        log_weights,
+        means,
+        log_scales,
+        jnp.exp(log_weights),
+        jnp.exp(log_scales),
+        jnp.exp(-log_scales),
+    )
+
+
+def _density_slope(density_resp, z, inv_scales):
+    """``-f'(x)/f(x) = Σ_k ρ_k z_k/σ_k`` from the materialised ``ρ``.
+
+    A matrix-vector product with ones: ``jnp.sum`` over the minor axis of size
+    K made the whole backward pass ~5 ms slower per million elements on XLA's
+    CPU backend, and a flat component loop pays one more exp per component.
+    ``ρ z`` is formed first: where ``ρ = 0`` its product with a huge ``1/σ``
+    must stay 0.
+    """
+    terms = density_resp * z * inv_scales
+    return terms @ jnp.ones(terms.shape[-1], terms.dtype)
 
 
 class TangentCoefficients(NamedTuple):
@@ -434,38 +465,56 @@ class TangentCoefficients(NamedTuple):
     curvature: jax.Array
 
 
-def _standardized_and_responsibilities(x, params, log_density_sum):
+def _standardized_and_responsibilities(x, mixture: _Mixture, log_density_sum):
     """``z_k = (x - μ_k)/σ_k`` and ``ρ_k = w_k φ(z_k)/(σ_k f(x))``, ``[..., K]``."""
-    log_weights, means, log_scales = params
-    z = (x[..., None] - means) * jnp.exp(-log_scales)
+    z = (x[..., None] - mixture.means) * mixture.inv_scales
     density_resp = jnp.exp(
-        log_weights - log_scales - 0.5 * jnp.square(z) - log_density_sum[..., None]
+        mixture.log_weights
+        - mixture.log_scales
+        - 0.5 * jnp.square(z)
+        - log_density_sum[..., None]
     )
     return z, density_resp
 
 
-def _bulk_coefficients(x, params, y, log_density_sum, log_factor, mills_offset):
+def _bulk_coefficients(x, mixture: _Mixture, y, log_det, shifted, total, *, per):
     """Coefficients where every tail mass is resolved in linear space.
 
-    ``log_density_sum`` is exact (it comes in materialised, as an operand of the
-    caller's ``lax.cond``); ``W`` costs one `survival` (an `erfc`) per
-    component. The cap keeps an unselected ``vmap`` branch free of ``0·inf``,
-    whose NaN would leak into second derivatives.
+    ``shifted`` holds ``e^{t_k - shift}`` (``[..., K]``) and ``total`` its sum
+    over components, so ``ρ = shifted / total`` exactly. ``W`` needs no `erfc`:
+    with ``u_k = s z_k``, ``w_k Q(|u_k|)/f = ρ_k σ_k R(|u_k|)`` (`mills_ratio`,
+    exp-free in float32), and on the side ``u_k < 0``,
+    ``w_k Q(u_k)/f = w_k/f - ρ_k σ_k R(|u_k|)`` (at most a factor 2 of
+    cancellation: ``Q(u_k) ≥ 1/2`` there). The per-unit factors (``1/f`` or
+    ``1/φ(y)``) are capped, so an unselected ``vmap`` branch stays free of
+    ``0·inf``, whose NaN would leak into second derivatives.
     """
-    del mills_offset
-    log_weights = params[0]
     sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
-    z, density_resp = _standardized_and_responsibilities(x, params, log_density_sum)
-    tail = survival(sign[..., None] * z)
-    signed_tail_weights = (
-        jnp.exp(log_weights) * tail * _capped_signed_factor(sign, log_factor)
-    )
+    density_resp = shifted * (1.0 / total)[..., None]
+    z = (x[..., None] - mixture.means) * mixture.inv_scales
+    u = sign[..., None] * z
+    # w_k Q(|u_k|) per unit f.
+    near_tail = density_resp * mixture.scales * mills_ratio(jnp.abs(u))
+    # log f + log sqrt(2 pi) = shift + log(total); its log is taken here, fused
+    # into the one kernel that needs it.
+    log_density_sum = log_det - 0.5 * jnp.square(y) + jnp.log(total)
+    if per == "latent":
+        # Per unit φ(y) instead: times f/φ(y) = T' = e^{log_det}, up to the
+        # rounding that `total` (≈ 1) corrects.
+        log_factor = _LOG_SQRT_2PI + 0.5 * jnp.square(y)
+        near_tail = near_tail * _capped_exp(log_det + jnp.log(total))[..., None]
+    else:
+        log_factor = _LOG_SQRT_2PI - log_density_sum
+    whole = mixture.weights * _capped_exp(log_factor)[..., None]
+    tail_weights = jnp.where(u < 0, whole - near_tail, near_tail)
     return TangentCoefficients(
-        density_resp, signed_tail_weights, _density_slope(x, params, log_density_sum)
+        density_resp,
+        sign[..., None] * tail_weights,
+        _density_slope(density_resp, z, mixture.inv_scales),
     )
 
 
-def _log_space_coefficients(x, params, y, log_density_sum, log_factor, mills_offset):
+def _log_space_coefficients(x, mixture: _Mixture, y, log_det, shifted, total, *, per):
     """The same coefficients exact for any ``|y|`` and any ``f``.
 
     ``log f`` by an exactly max-shifted logsumexp, and ``W`` as ``s π_k R(|y|)
@@ -473,26 +522,29 @@ def _log_space_coefficients(x, params, y, log_density_sum, log_factor, mills_off
     ``R(|y|)`` carries no ``y²`` cancellation, which ``e^{y²/2}`` times a tail
     mass would in the far tails.
     """
-    del log_density_sum, log_factor
-    log_weights = params[0]
+    del shifted, total
     sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
-    log_density_sum = _log_density(x, params)
-    z, density_resp = _standardized_and_responsibilities(x, params, log_density_sum)
-    log_masses = log_weights + _log_survival_and_log_mills(sign[..., None] * z)[0]
+    log_density_sum = _log_density(x, mixture.params)
+    z, density_resp = _standardized_and_responsibilities(x, mixture, log_density_sum)
+    log_masses = (
+        mixture.log_weights + _log_survival_and_log_mills(sign[..., None] * z)[0]
+    )
     mass_shift = jnp.max(log_masses, axis=-1, keepdims=True)
     mass_shift = jnp.where(jnp.isfinite(mass_shift), mass_shift, 0.0)
     relative = jnp.exp(log_masses - mass_shift)
+    # Per unit f: W = π R(|y|) φ(y)/f = π R(|y|) e^{-log_det}; per unit φ(y): π R.
+    mills_offset = -log_det if per == "density" else jnp.zeros_like(log_det)
     log_factor = (
         log_mills_ratio(jnp.abs(y)) + mills_offset - jnp.log(jnp.sum(relative, -1))
     )
     return TangentCoefficients(
         density_resp,
         relative * _capped_signed_factor(sign, log_factor),
-        _density_slope(x, params, log_density_sum),
+        _density_slope(density_resp, z, mixture.inv_scales),
     )
 
 
-def tangent_coefficients(x, params, y, log_det, per) -> TangentCoefficients:
+def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoefficients:
     r"""Per-element pieces of every first derivative of ``T`` and ``log T'``.
 
     With ``s = sign(y)`` pointing into the smaller tail and ``z_k = (x-μ_k)/σ_k``:
@@ -511,22 +563,25 @@ def tangent_coefficients(x, params, y, log_det, per) -> TangentCoefficients:
     cheap producers into every consumer (``optimization_barrier`` does not
     stop it there):
 
-    * ``log f`` is shifted by ``log_det + log φ(y)``, which equals it up to
-      rounding, instead of by the max over components: a max-shift would be
-      recomputed inside every per-component consumer. ``Σ_k e^{t_k - shift}``
-      is then ~1 and its log restores ``log f`` exactly.
-    * ``ρ`` and ``W`` are ``[..., K]`` arrays (one vectorised elementwise kernel
-      each) returned by a ``lax.cond``, whose outputs are real buffers that the
-      tangent kernels read instead of recompute. (`tangents_at` calls this on
-      chunks of the batch, so they stay in cache.)
+    * The components are shifted by ``log f`` as the caller already knows it,
+      ``log_det + log φ(y)`` (equal up to rounding), instead of by their max: a
+      max-shift would be recomputed inside every per-component consumer.
+      ``e^{t_k - shift}`` is one vectorised ``[..., K]`` kernel, its sum over
+      components (≈ 1) a matrix-vector product with ones, and dividing by that
+      sum makes ``ρ`` exact. (A flat component loop for the sum, plus a second
+      exp for ``ρ``, measured ~0.8 ms slower per million elements.)
+    * ``ρ`` and ``W`` are ``[..., K]`` arrays returned by a ``lax.cond``, whose
+      outputs are real buffers that the tangent kernels read instead of
+      recompute. (`tangents_at` calls this on chunks of the batch, so they stay
+      in cache.)
     * The exact log-space branch runs only when some ``|y|`` lies beyond the
-      bulk, or the cheap shift is off (its sum outside ``[e^-46, e^46]``), or,
-      for ``per="density"``, ``f`` underflows. Both branches are plain
+      bulk, or the cheap shift is off (the sum outside ``[e^-46, e^46]``), or,
+      for ``per="density"``, ``f`` may underflow. Both branches are plain
       elementwise code, so derivatives of any order go through the ``cond``.
 
     Args:
       x: Points of the forward map.
-      params: ``(log_weights, means, log_scales)``, each ``[..., K]``, log weights
+      mixture: The per-component arrays (`_mixture_arrays`), log weights
         normalised.
       y: ``T(x)`` (the forward's output, or the inverse's input at its root).
       log_det: ``log T'(x)``.
@@ -536,41 +591,40 @@ def tangent_coefficients(x, params, y, log_det, per) -> TangentCoefficients:
       The coefficients; ``ρ`` and ``s W`` of the broadcast batch shape plus
       ``K``, the curvature of the broadcast batch shape.
     """
-    shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y), params[0].shape[:-1])
+    shape = jnp.broadcast_shapes(
+        jnp.shape(x), jnp.shape(y), mixture.log_weights.shape[:-1]
+    )
     x, y, log_det = (jnp.broadcast_to(v, shape) for v in (x, y, log_det))
     # log f up to the 1/sqrt(2 pi) shared with φ (and dropped by both).
     shift = log_det - 0.5 * jnp.square(y)
-    total = jnp.zeros((), x.dtype)
-    for term in _log_density_terms(x, params):
-        total = total + jnp.exp(term - shift)
-    # `total` must have this one consumer: XLA CPU splits a sum read by two
-    # kernels into one kernel per component (measured 8x the time).
-    log_total = jnp.log(total)
-    log_density_sum = shift + log_total
+    z = (x[..., None] - mixture.means) * mixture.inv_scales
+    shifted = jnp.exp(
+        mixture.log_weights
+        - mixture.log_scales
+        - 0.5 * jnp.square(z)
+        - shift[..., None]
+    )
+    total = shifted @ jnp.ones(shifted.shape[-1], shifted.dtype)
     # Beyond this |y| the smaller tail mass is below the bulk's resolution.
     bulk_limit = -NormalDist().inv_cdf(_smallest_bulk_tail(x.dtype))
-    shift_is_off = ~(jnp.abs(log_total) <= 46.0)  # e^46 ≈ 1e20; NaN is off too
-    outside_bulk = (jnp.abs(y) > bulk_limit) | shift_is_off
+    # e^46 ≈ 1e20; NaN fails the test, so it counts as off too.
+    shift_is_fine = (total >= math.exp(-46.0)) & (total <= math.exp(46.0))
+    outside_bulk = (jnp.abs(y) > bulk_limit) | ~shift_is_fine
     if per == "density":
-        # 1/f = sqrt(2 pi) e^{-log f}; below this log f it overflows.
-        log_factor = _LOG_SQRT_2PI - log_density_sum
+        # 1/f = sqrt(2 pi) e^{-log f} overflows below log f = log(tiny); where
+        # the shift is fine, log f > shift - 46, so this test covers it.
         smallest_log_density = math.log(jnp.finfo(x.dtype).tiny) + 8.0
-        outside_bulk = outside_bulk | (log_density_sum < smallest_log_density)
-        mills_offset = -log_det
-    else:
-        # 1/φ(y) = sqrt(2 pi) e^{y²/2}, finite while |y| is in the bulk.
-        log_factor = _LOG_SQRT_2PI + 0.5 * jnp.square(y)
-        mills_offset = jnp.zeros_like(log_det)
+        outside_bulk = outside_bulk | (shift < smallest_log_density + 46.0)
     return lax.cond(
         jnp.any(outside_bulk),
-        _log_space_coefficients,
-        _bulk_coefficients,
+        functools.partial(_log_space_coefficients, per=per),
+        functools.partial(_bulk_coefficients, per=per),
         x,
-        params,
+        mixture,
         y,
-        log_density_sum,
-        log_factor,
-        mills_offset,
+        log_det,
+        shifted,
+        total,
     )
 
 
@@ -601,8 +655,10 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     Cost, for reverse mode: the parameter terms run over the leading batch
     axis in chunks of ~64k elements (`_in_chunks`), rematerialised, so the
     backward pass recomputes the per-component coefficients chunk by chunk in
-    cache instead of saving ``[..., K]`` arrays; within a chunk each
-    parameter's cotangent is a matrix-vector product (`_broadcast_tangent`).
+    cache instead of saving ``[..., K]`` arrays; a parameter tangent shared by
+    all rows is broadcast to one chunk's shape before the loop, so its
+    cotangent accumulates elementwise across chunks and is summed over rows
+    once (`_broadcast_tangent`).
 
     Args:
       x: A point of the forward map.
@@ -622,7 +678,8 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     solved_dot, log_det_dot = _in_chunks(
         functools.partial(_chunk_tangents, solve_for=solve_for),
         tuple(jnp.broadcast_to(v, shape) for v in (x, y, log_det, known_dot)),
-        (params, params_dot),
+        _mixture_arrays(params),
+        tuple(params_dot),
         shape,
     )
     if solve_for == "y":
@@ -630,7 +687,7 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     return solved_dot, y_dot, log_det_dot
 
 
-def _chunk_tangents(x, y, log_det, known_dot, params, params_dot, solve_for):
+def _chunk_tangents(x, y, log_det, known_dot, mixture: _Mixture, params_dot, solve_for):
     """`tangents_at` on one chunk: ``(ẏ or ẋ, log_det_dot)``.
 
     Everything, including the primal coefficients, is computed here from the
@@ -638,17 +695,16 @@ def _chunk_tangents(x, y, log_det, known_dot, params, params_dot, solve_for):
     saved: the transposed loop recomputes it chunk by chunk.
     """
     per = "latent" if solve_for == "y" else "density"
-    coefficients = tangent_coefficients(x, params, y, log_det, per)
+    coefficients = tangent_coefficients(x, mixture, y, log_det, per)
     rho = coefficients.density_resp
     shape = rho.shape[:-1]
-    _, means, log_scales = params
+    scales, inv_scales = mixture.scales, mixture.inv_scales
     # z again rather than a third [chunk, K] output of the cond above: one
     # subtract and one multiply per entry, fused into the kernels that use it.
-    z = (x[..., None] - means) * jnp.exp(-log_scales)
+    z = (x[..., None] - mixture.means) * inv_scales
     weight_dot, mean_dot, log_scale_dot = (
         _broadcast_tangent(p, shape) for p in params_dot
     )
-    scales, inv_scales = jnp.exp(log_scales), jnp.exp(-log_scales)
     moved = jnp.sum(rho * (mean_dot + z * scales * log_scale_dot), axis=-1)
     weight_term = jnp.sum(coefficients.signed_tail_weights * weight_dot, axis=-1)
     # ρ z is formed before the second z: where ρ = 0 and z² overflows (a
@@ -693,29 +749,46 @@ def _chunk_layout(rows: int, per_row: int, target_rows: int) -> tuple[int, int]:
     return math.ceil(rows / chunk_rows), chunk_rows
 
 
-def _in_chunks(body, batched, shared, batch_shape):
-    """``body(*batched, *shared)`` over chunks of the leading batch axis.
+def _in_chunks(body, batched, shared, spread, batch_shape):
+    """``body(*batched, shared, spread)`` over chunks of the leading batch axis.
 
-    ``batched`` arrays have ``batch_shape``; ``shared`` is a pytree of
-    parameter-like arrays ``[..., K]`` whose batch axes broadcast against it
-    (those that carry the leading axis are chunked with it). The body is
-    ``jax.checkpoint``-ed: reverse mode saves only its inputs and recomputes
-    the rest per chunk, which on XLA's CPU backend is faster than writing and
-    re-reading ``[..., K]`` temporaries of the whole batch (their first touch
-    alone costs a page fault per 4 KiB). Small batches run in one piece.
+    ``batched`` arrays have ``batch_shape``; ``shared`` and ``spread`` are
+    pytrees of parameter-like arrays ``[..., K]`` whose batch axes broadcast
+    against it (those that carry the leading axis are chunked with it). The
+    body is ``jax.checkpoint``-ed: reverse mode saves only its inputs and
+    recomputes the rest per chunk, which on XLA's CPU backend is faster than
+    writing and re-reading ``[..., K]`` temporaries of the whole batch (their
+    first touch alone costs a page fault per 4 KiB). Small batches run in one
+    piece.
+
+    ``spread`` leaves without the leading axis (parameter tangents shared by
+    all rows) are broadcast to one chunk's shape before the loop rather than
+    inside it. In reverse mode JAX then accumulates their cotangents as
+    ``[chunk, ..., K]`` arrays in the loop carry, an elementwise add fused into
+    the kernel that forms each term, and sums them over rows once, after the
+    loop. Inside the loop that sum was a matrix-vector product per chunk and
+    parameter, single-threaded on XLA's CPU backend (measured, N = 1e6,
+    K = 8: the backward pass through the inverse 13.1 → 11.6 ms).
     """
     rank = len(batch_shape)
     rows = batch_shape[0] if rank else 0
     per_row = math.prod(batch_shape[1:])
     chunk_rows = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
     if rank == 0 or rows < 2 * chunk_rows:
-        return body(*batched, *shared)
+        return body(*batched, shared, spread)
     chunks, chunk_rows = _chunk_layout(rows, per_row, chunk_rows)
     padded_rows = chunks * chunk_rows
 
     def has_rows(leaf):
         # Right-aligned against the batch shape, plus the trailing K axis.
         return leaf.ndim - 1 == rank and leaf.shape[0] == rows and rows > 1
+
+    chunk_shape = (chunk_rows, *batch_shape[1:])
+    spread = jax.tree_util.tree_map(
+        lambda leaf: leaf if has_rows(leaf) else _broadcast_tangent(leaf, chunk_shape),
+        spread,
+    )
+    shared = (shared, spread)
 
     def split(array):
         if padded_rows > rows:

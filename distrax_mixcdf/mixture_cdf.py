@@ -120,36 +120,55 @@ def _apply_policy(value, params, core, reach, saturation, sign):
     ``core`` sees a harmless stand-in (the first component's mean, or 0 for the
     inverse) in every slot it does not own (the double-``where`` pattern), so
     the discarded tangents there are finite and a loss that masks those
-    elements keeps finite gradients. (A ``lax.cond`` fast path for clean
-    batches was measured: it doubled the compile time of ``jax.grad`` for a
-    smaller run-time saving.)
+    elements keeps finite gradients.
+
+    All of that runs only when the batch has an element beyond ``reach`` (or a
+    NaN): one fused reduction decides, and two ``lax.cond`` pass a clean batch
+    straight through. The core runs once, outside both, so it is compiled once.
+    The irregular branches are ``jax.checkpoint``-ed: their residuals are then
+    their operands, and a clean batch writes no masks for the backward pass.
+    (Per-element masks, selects and their transposes measured 3-7 ms of a
+    50-60 ms value-and-grad through the inverse on 1e6 elements.)
     """
-    finite = jnp.isfinite(value)
     stand_in = params[1][..., 0] if sign < 0 else jnp.zeros((), value.dtype)
-    safe = jnp.where(finite, value, stand_in)
     shape = jnp.broadcast_shapes(value.shape, params[1].shape[:-1])
+    # NaN compares False, so a NaN batch counts as irregular too.
+    irregular = ~jnp.all(jnp.abs(value) <= reach(params))
 
-    def none(_):
-        zeros = jnp.zeros(shape, value.dtype)
-        return jnp.zeros(shape, bool), zeros, zeros
+    def masks(value, params):
+        finite = jnp.isfinite(value)
+        safe = jnp.where(finite, value, stand_in)
+        saturated, out_far, log_det_far = saturation(safe, params)
+        return finite & ~saturated, saturated, out_far, log_det_far
 
-    # The saturation's component loop only runs when some |value| is that far.
-    saturated, out_far, log_det_far = jax.lax.cond(
-        jnp.any(jnp.abs(safe) > reach(params)),
-        lambda _: saturation(safe, params),
-        none,
-        None,
-    )
-    regular = finite & ~saturated
-    out, log_det = core(jnp.where(regular, value, stand_in), params)
-    limit = sign * jnp.max(params[2], axis=-1)
-    # `value == value` is False only for NaN, which stays NaN.
-    log_det_other = jnp.where(value == value, limit, value)
-    out = jnp.where(regular, out, jnp.where(saturated, out_far, value))
-    log_det = jnp.where(
-        regular, log_det, jnp.where(saturated, log_det_far, log_det_other)
-    )
-    return out, log_det
+    @jax.checkpoint
+    def regular_input(value, params):
+        regular = masks(value, params)[0]
+        return jnp.broadcast_to(jnp.where(regular, value, stand_in), shape)
+
+    def clean_input(value, params):
+        del params
+        return jnp.broadcast_to(value, shape)
+
+    @jax.checkpoint
+    def combine(value, params, out, log_det):
+        regular, saturated, out_far, log_det_far = masks(value, params)
+        limit = sign * jnp.max(params[2], axis=-1)
+        # `value == value` is False only for NaN, which stays NaN.
+        log_det_other = jnp.where(value == value, limit, value)
+        out = jnp.where(regular, out, jnp.where(saturated, out_far, value))
+        log_det = jnp.where(
+            regular, log_det, jnp.where(saturated, log_det_far, log_det_other)
+        )
+        return out, log_det
+
+    def keep(value, params, out, log_det):
+        del value, params
+        return out, log_det
+
+    core_input = jax.lax.cond(irregular, regular_input, clean_input, value, params)
+    out, log_det = core(core_input, params)
+    return jax.lax.cond(irregular, combine, keep, value, params, out, log_det)
 
 
 # The two maps are compiled as units (inlined when the caller is itself under

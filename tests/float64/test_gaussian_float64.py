@@ -22,5 +22,5 @@ def test_tail_functions_propagate_nan_per_element():
     shared.check_nan_propagation(DTYPE)
 
 
-def test_survival_matches_mpmath():
-    shared.check_survival(DTYPE)
+def test_mills_ratio_matches_mpmath():
+    shared.check_mills_ratio(DTYPE)
