@@ -495,16 +495,15 @@ def _bulk_coefficients(x, mixture: _Mixture, y, log_det, shifted, total, *, per)
     u = sign[..., None] * z
     # w_k Q(|u_k|) per unit f.
     near_tail = density_resp * mixture.scales * mills_ratio(jnp.abs(u))
-    # log f + log sqrt(2 pi) = shift + log(total); its log is taken here, fused
-    # into the one kernel that needs it.
-    log_density_sum = log_det - 0.5 * jnp.square(y) + jnp.log(total)
+    # The logs of `total` are taken here, fused into the kernels that need them.
     if per == "latent":
         # Per unit φ(y) instead: times f/φ(y) = T' = e^{log_det}, up to the
         # rounding that `total` (≈ 1) corrects.
         log_factor = _LOG_SQRT_2PI + 0.5 * jnp.square(y)
         near_tail = near_tail * _capped_exp(log_det + jnp.log(total))[..., None]
     else:
-        log_factor = _LOG_SQRT_2PI - log_density_sum
+        # 1/f = sqrt(2 pi) e^{-(shift + log total)}.
+        log_factor = _LOG_SQRT_2PI - (log_det - 0.5 * jnp.square(y) + jnp.log(total))
     whole = mixture.weights * _capped_exp(log_factor)[..., None]
     tail_weights = jnp.where(u < 0, whole - near_tail, near_tail)
     return TangentCoefficients(

@@ -386,3 +386,38 @@ def test_chunked_tangent_rule_matches_one_piece(case):
         want = np.sum([np.asarray(getattr(g, a)) for g in parts], axis=0)
         scale = np.max(np.abs(want))
         np.testing.assert_allclose(getattr(whole, a), want, atol=2e-4 * scale)
+
+
+def test_tangent_coefficients_do_not_depend_on_the_callers_shift():
+    """ρ and the curvature are exact whatever ``log_det`` the caller passes.
+
+    The rule shifts the components by ``log_det - y²/2`` (≈ log f) and divides
+    by their sum, so a slightly off shift changes nothing; a shift off by more
+    than e^46 must take the exact log-space branch (±100 would overflow or
+    underflow the float32 terms). ``W`` per unit ``f`` is exact in the bulk
+    branch too.
+    """
+    from distrax_mixcdf import _mixture
+
+    logits = jnp.asarray([0.3, -0.5, 0.1], DTYPE)
+    params = (
+        jax.nn.log_softmax(logits),
+        jnp.asarray([-1.5, 0.2, 2.0], DTYPE),
+        jnp.asarray([-0.4, 0.3, -1.0], DTYPE),
+    )
+    x = jnp.linspace(-4.0, 4.0, 64, dtype=DTYPE)
+    y, log_det = _mixture.forward_and_log_det(x, params)
+    mixture = _mixture._mixture_arrays(params)
+    coefficients = jax.jit(_mixture.tangent_coefficients, static_argnums=4)
+    want = coefficients(x, mixture, y, log_det, "density")
+    assert np.allclose(np.sum(want.density_resp, -1), 1.0, atol=1e-6)
+    for offset in (1e-3, 5.0, 100.0, -100.0):
+        got = coefficients(x, mixture, y, log_det + offset, "density")
+        np.testing.assert_allclose(
+            got.density_resp, want.density_resp, rtol=2e-5, atol=1e-7
+        )
+        np.testing.assert_allclose(got.curvature, want.curvature, rtol=2e-5, atol=1e-5)
+        if abs(offset) < 46:
+            np.testing.assert_allclose(
+                got.signed_tail_weights, want.signed_tail_weights, rtol=2e-5, atol=1e-7
+            )
