@@ -465,16 +465,21 @@ class TangentCoefficients(NamedTuple):
     curvature: jax.Array
 
 
-def _standardized_and_responsibilities(x, mixture: _Mixture, log_density_sum):
-    """``z_k = (x - μ_k)/σ_k`` and ``ρ_k = w_k φ(z_k)/(σ_k f(x))``, ``[..., K]``."""
+def _standardized_and_responsibilities(x, mixture: _Mixture, log_norm):
+    """``z_k = (x - μ_k)/σ_k`` and ``w_k e^{-z_k²/2}/σ_k / e^{log_norm}``, ``[..., K]``.
+
+    With ``log_norm = log f(x) + log sqrt(2 pi)`` the second array is the
+    density responsibilities ``ρ_k = w_k φ(z_k)/(σ_k f(x))``; with another
+    per-element shift it is ``ρ`` times a per-element factor.
+    """
     z = (x[..., None] - mixture.means) * mixture.inv_scales
-    density_resp = jnp.exp(
+    terms = jnp.exp(
         mixture.log_weights
         - mixture.log_scales
         - 0.5 * jnp.square(z)
-        - log_density_sum[..., None]
+        - log_norm[..., None]
     )
-    return z, density_resp
+    return z, terms
 
 
 def _bulk_coefficients(x, mixture: _Mixture, y, log_det, shifted, total, *, per):
@@ -596,13 +601,7 @@ def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoeffi
     x, y, log_det = (jnp.broadcast_to(v, shape) for v in (x, y, log_det))
     # log f up to the 1/sqrt(2 pi) shared with φ (and dropped by both).
     shift = log_det - 0.5 * jnp.square(y)
-    z = (x[..., None] - mixture.means) * mixture.inv_scales
-    shifted = jnp.exp(
-        mixture.log_weights
-        - mixture.log_scales
-        - 0.5 * jnp.square(z)
-        - shift[..., None]
-    )
+    _, shifted = _standardized_and_responsibilities(x, mixture, shift)
     total = shifted @ jnp.ones(shifted.shape[-1], shifted.dtype)
     # Beyond this |y| the smaller tail mass is below the bulk's resolution.
     bulk_limit = -NormalDist().inv_cdf(_smallest_bulk_tail(x.dtype))
