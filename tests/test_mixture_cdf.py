@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrax_mixcdf import MixtureGaussianCDF
+from distrax_mixcdf import MixtureGaussianCDF, _mixture
 
 DTYPE = np.float32
 
@@ -397,8 +397,6 @@ def test_tangent_coefficients_do_not_depend_on_the_callers_shift():
     underflow the float32 terms). ``W`` per unit ``f`` is exact in the bulk
     branch too.
     """
-    from distrax_mixcdf import _mixture
-
     logits = jnp.asarray([0.3, -0.5, 0.1], DTYPE)
     params = (
         jax.nn.log_softmax(logits),
