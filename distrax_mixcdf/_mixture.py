@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import erfc, ndtri
 
+from distrax_mixcdf._chunks import chunk_layout, has_rows, map_row_chunks
 from distrax_mixcdf._gaussian import (
     _LOG_SQRT_2PI,
     _log_survival_and_log_mills,
@@ -731,33 +732,13 @@ def _chunk_tangents(x, y, log_det, known_dot, mixture: _Mixture, params_dot, sol
 _CHUNK_ELEMENTS = 1 << 16
 
 
-def _chunk_layout(rows: int, per_row: int, target_rows: int) -> tuple[int, int]:
-    """``(chunks, chunk_rows)`` covering ``rows`` with ~``target_rows`` per chunk.
-
-    Chunks hold a multiple of 16 elements: XLA's CPU kernels on odd lengths
-    measured ~10x slower (unvectorised). An exact split is preferred, so that
-    the inputs need no padding copy; otherwise the last chunk is padded.
-    """
-    align = 16 // math.gcd(16, per_row)
-    fewest = math.ceil(rows / target_rows)
-    for chunks in range(fewest, 2 * fewest + 1):
-        if rows % chunks == 0 and (rows // chunks) % align == 0:
-            return chunks, rows // chunks
-    chunk_rows = math.ceil(math.ceil(rows / fewest) / align) * align
-    return math.ceil(rows / chunk_rows), chunk_rows
-
-
 def _in_chunks(body, batched, shared, spread, batch_shape):
-    """``body(*batched, shared, spread)`` over chunks of the leading batch axis.
+    """``body(*batched, shared, spread)`` over rematerialised row chunks.
 
-    ``batched`` arrays have ``batch_shape``; ``shared`` and ``spread`` are
-    pytrees of parameter-like arrays ``[..., K]`` whose batch axes broadcast
-    against it (those that carry the leading axis are chunked with it). The
-    body is ``jax.checkpoint``-ed: reverse mode saves only its inputs and
-    recomputes the rest per chunk, which on XLA's CPU backend is faster than
-    writing and re-reading ``[..., K]`` temporaries of the whole batch (their
-    first touch alone costs a page fault per 4 KiB). Small batches run in one
-    piece.
+    `_chunks.map_row_chunks` with ``remat=True``: reverse mode saves only each
+    chunk's inputs and recomputes the rest per chunk, which on XLA's CPU
+    backend is faster than writing and re-reading ``[..., K]`` temporaries of
+    the whole batch (their first touch alone costs a page fault per 4 KiB).
 
     ``spread`` leaves without the leading axis (parameter tangents shared by
     all rows) are broadcast to one chunk's shape before the loop rather than
@@ -772,48 +753,26 @@ def _in_chunks(body, batched, shared, spread, batch_shape):
     rank = len(batch_shape)
     rows = batch_shape[0] if rank else 0
     per_row = math.prod(batch_shape[1:])
-    chunk_rows = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
-    if rank == 0 or rows < 2 * chunk_rows:
-        return body(*batched, shared, spread)
-    chunks, chunk_rows = _chunk_layout(rows, per_row, chunk_rows)
-    padded_rows = chunks * chunk_rows
-
-    def has_rows(leaf):
-        # Right-aligned against the batch shape, plus the trailing K axis.
-        return leaf.ndim - 1 == rank and leaf.shape[0] == rows and rows > 1
-
-    chunk_shape = (chunk_rows, *batch_shape[1:])
-    spread = jax.tree_util.tree_map(
-        lambda leaf: leaf if has_rows(leaf) else _broadcast_tangent(leaf, chunk_shape),
-        spread,
+    target_rows = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    if rank and rows >= 2 * target_rows:
+        chunk_rows = chunk_layout(rows, per_row, target_rows)[1]
+        chunk_shape = (chunk_rows, *batch_shape[1:])
+        spread = jax.tree_util.tree_map(
+            lambda leaf: (
+                leaf
+                if has_rows(leaf, batch_shape)
+                else _broadcast_tangent(leaf, chunk_shape)
+            ),
+            spread,
+        )
+    return map_row_chunks(
+        lambda *args: body(*args[:-1], *args[-1]),
+        batched,
+        (shared, spread),
+        batch_shape,
+        _CHUNK_ELEMENTS,
+        remat=True,
     )
-    shared = (shared, spread)
-
-    def split(array):
-        if padded_rows > rows:
-            padding = [(0, padded_rows - rows)] + [(0, 0)] * (array.ndim - 1)
-            array = jnp.pad(array, padding, mode="edge")
-        return array.reshape((chunks, chunk_rows, *array.shape[1:]))
-
-    shared_leaves, shared_tree = jax.tree_util.tree_flatten(shared)
-    leaf_has_rows = [has_rows(leaf) for leaf in shared_leaves]
-    mapped = (
-        tuple(split(a) for a in batched),
-        [split(leaf) for leaf, r in zip(shared_leaves, leaf_has_rows) if r],
-    )
-    fixed = [leaf for leaf, r in zip(shared_leaves, leaf_has_rows) if not r]
-
-    @jax.checkpoint
-    def chunk_body(chunk):
-        chunk_batched, chunk_leaves = chunk
-        chunk_leaves, fixed_leaves = iter(chunk_leaves), iter(fixed)
-        leaves = [
-            next(chunk_leaves) if r else next(fixed_leaves) for r in leaf_has_rows
-        ]
-        return body(*chunk_batched, *jax.tree_util.tree_unflatten(shared_tree, leaves))
-
-    outputs = lax.map(chunk_body, mapped)
-    return tuple(o.reshape((padded_rows, *o.shape[2:]))[:rows] for o in outputs)
 
 
 @forward_and_log_det.defjvp

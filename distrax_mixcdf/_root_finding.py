@@ -5,8 +5,11 @@ forward of `_mixture.py`. The residual is measured in ``y``-space, where ``T`` i
 close to linear in both tails, so Newton steps stay well behaved far out.
 
 * Every solver starts inside the closed-form bracket of `_mixture.cdf_bracket`
-  and runs one batch-level ``lax.while_loop`` (no ``vmap`` of a per-element
-  loop): the batch stops together once every element has converged.
+  and runs a batch-level ``lax.while_loop`` (no ``vmap`` of a per-element
+  loop) on each row chunk of ~2^18 elements (`_chunks.map_row_chunks`): a
+  chunk stops once all its elements have converged, its loop state stays in
+  cache, and the call's temporaries stay small enough that glibc reuses their
+  memory instead of page-faulting a fresh mapping on every call.
 * ``"newton"`` takes unsafeguarded Newton steps (for comparison); elements it
   leaves unconverged after ``max_iter`` are finished by ``"hybrid"``.
 * ``"hybrid"`` (default) is safeguarded Newton: a Newton step is kept only if it
@@ -42,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from distrax_mixcdf._chunks import map_row_chunks
 from distrax_mixcdf._mixture import (
     cdf_bracket,
     forward_and_log_det,
@@ -102,6 +106,12 @@ class _State(NamedTuple):
 _TABLE_KNOTS = 512
 _TABLE_HALF_RANGE = 7.0
 _TABLE_MIN_SHARING = 16 * _TABLE_KNOTS
+# Elements per chunk of the batch loop (`solve`). Each chunk runs its own
+# while_loop, whose state stays in cache, and the call's temporaries stay below
+# glibc's 32 MiB mmap threshold (see `_chunks`). Larger chunks launch fewer
+# kernels: measured on N = 1e6 float32, K = 8, 2^14 → 30 ms, 2^16 → 26 ms,
+# 2^18 → 22 ms per inverse (35 ms unchunked, 17k page faults per call).
+_SOLVE_CHUNK_ELEMENTS = 1 << 18
 # A knot is a root found to tolerance, not exactly: widen the knot bracket by
 # this fraction of the interval so rounding never excludes the true root.
 _KNOT_BRACKET_SLACK = 1e-3
@@ -156,9 +166,9 @@ def _lookup(table: jax.Array, knot_index: jax.Array) -> jax.Array:
     return table[(*index, knot_index)]
 
 
-def _table_start(y, params, options, lower, upper):
+def _table_start(y, table, lower, upper):
     """Hermite-interpolated start and a knot-tight bracket for every element."""
-    knot_roots, knot_slopes = lax.stop_gradient(_knot_table(params, options, y.dtype))
+    knot_roots, knot_slopes = table
     spacing = 2.0 * _TABLE_HALF_RANGE / (_TABLE_KNOTS - 1)
     position = (y + _TABLE_HALF_RANGE) / spacing
     knot_index = jnp.clip(jnp.floor(position), 0, _TABLE_KNOTS - 2).astype(jnp.int32)
@@ -185,12 +195,10 @@ def _table_start(y, params, options, lower, upper):
     return jnp.clip(start, lower, upper), lower, upper
 
 
-def _initial_state(
-    y: jax.Array, params: Params, options: SolverOptions, use_table: bool = True
-) -> _State:
+def _initial_state(y: jax.Array, params: Params, table) -> _State:
     lower, upper = cdf_bracket(y, params)
-    if use_table and _uses_table(y, params):
-        x, lower, upper = _table_start(y, params, options, lower, upper)
+    if table is not None:
+        x, lower, upper = _table_start(y, table, lower, upper)
     else:
         x = quantile_average(y, params)
     shape = jnp.broadcast_shapes(x.shape, lower.shape, upper.shape)
@@ -328,7 +336,24 @@ def solve(
       ``(x, log_det, iterations)``: the root and ``log T'(x)`` of the broadcast
       batch shape, and the number of batch iterations used.
     """
-    state = _initial_state(y, params, options, use_table)
+    shape = jnp.broadcast_shapes(y.shape, _param_batch_shape(params))
+    table = None
+    if use_table and _uses_table(y, params):
+        table = lax.stop_gradient(_knot_table(params, options, y.dtype))
+    x, log_det, iterations = map_row_chunks(
+        functools.partial(_solve_chunk, options=options),
+        (jnp.broadcast_to(y, shape),),
+        (params, table),
+        shape,
+        _SOLVE_CHUNK_ELEMENTS,
+    )
+    return x, log_det, jnp.max(iterations)
+
+
+def _solve_chunk(y, shared, options: SolverOptions):
+    """`solve` on one chunk of the batch: its own loop, stopping on its own."""
+    params, table = shared
+    state = _initial_state(y, params, table)
 
     def run(state: _State, options: SolverOptions, max_iter: int) -> _State:
         def keep_going(state: _State):
@@ -347,7 +372,10 @@ def solve(
 
 def _unrolled_solve(y: jax.Array, params: Params, options: SolverOptions):
     """``max_iter`` solver steps in a ``lax.scan``, differentiable by unrolling."""
-    state = _initial_state(y, params, options)
+    table = None
+    if _uses_table(y, params):
+        table = lax.stop_gradient(_knot_table(params, options, y.dtype))
+    state = _initial_state(y, params, table)
     state = state._replace(x=lax.stop_gradient(state.x))
     state, _ = lax.scan(
         lambda s, _: (_step(s, y, params, options), None),

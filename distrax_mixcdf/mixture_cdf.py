@@ -19,11 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from distrax_mixcdf import _mixture, _root_finding
+from distrax_mixcdf._chunks import map_row_chunks
 from distrax_mixcdf._root_finding import INVERSE_GRADIENTS, ROOT_FINDERS, SolverOptions
 
 __all__ = ["MixtureGaussianCDF"]
 
 _PARAM_NAMES = ("logits", "means", "log_scales")
+# Row chunk of the non-finite/saturation handling (`_apply_policy`).
+_POLICY_CHUNK_ELEMENTS = 1 << 16
 
 
 def _as_float_param(name: str, value: Any) -> jax.Array:
@@ -125,33 +128,52 @@ def _apply_policy(value, params, core, reach, saturation, sign):
     All of that runs only when the batch has an element beyond ``reach`` (or a
     NaN): one fused reduction decides, and two ``lax.cond`` pass a clean batch
     straight through. The core runs once, outside both, so it is compiled once.
-    The irregular branches are ``jax.checkpoint``-ed: their residuals are then
-    their operands, and a clean batch writes no masks for the backward pass.
-    (Per-element masks, selects and their transposes measured 3-7 ms of a
-    50-60 ms value-and-grad through the inverse on 1e6 elements.)
+    The irregular branches run in rematerialised row chunks
+    (`_chunks.map_row_chunks`): their residuals are then their operands, a
+    clean batch writes no masks for the backward pass, and the per-component
+    selects of the saturation tests, transposed, take one chunk's memory. (Per-
+    element masks, selects and their transposes measured 3-7 ms of a 50-60 ms
+    value-and-grad through the inverse on 1e6 elements; unchunked, the
+    transposed irregular branch alone set a 109 MB temporary buffer for that
+    value-and-grad, which XLA allocates whether the branch runs or not.)
     """
-    stand_in = params[1][..., 0] if sign < 0 else jnp.zeros((), value.dtype)
-    shape = jnp.broadcast_shapes(value.shape, params[1].shape[:-1])
+
+    def stand_in(params):
+        return params[1][..., 0] if sign < 0 else jnp.zeros((), value.dtype)
+
+    shape = np.broadcast_shapes(value.shape, params[1].shape[:-1])
     # NaN compares False, so a NaN batch counts as irregular too.
     irregular = ~jnp.all(jnp.abs(value) <= reach(params))
 
     def masks(value, params):
         finite = jnp.isfinite(value)
-        safe = jnp.where(finite, value, stand_in)
+        safe = jnp.where(finite, value, stand_in(params))
         saturated, out_far, log_det_far = saturation(safe, params)
         return finite & ~saturated, saturated, out_far, log_det_far
 
+    def regular_chunk(value, params):
+        regular = masks(value, params)[0]
+        return jnp.where(regular, value, stand_in(params))
+
+    # The outer checkpoint makes each branch's residuals its operands, which the
+    # cond already has; else the chunks' stacked inputs become residuals that
+    # the untaken branch fills with zeros on every clean call.
     @jax.checkpoint
     def regular_input(value, params):
-        regular = masks(value, params)[0]
-        return jnp.broadcast_to(jnp.where(regular, value, stand_in), shape)
+        return map_row_chunks(
+            regular_chunk,
+            (jnp.broadcast_to(value, shape),),
+            params,
+            shape,
+            _POLICY_CHUNK_ELEMENTS,
+            remat=True,
+        )
 
     def clean_input(value, params):
         del params
         return jnp.broadcast_to(value, shape)
 
-    @jax.checkpoint
-    def combine(value, params, out, log_det):
+    def combine_chunk(value, out, log_det, params):
         regular, saturated, out_far, log_det_far = masks(value, params)
         limit = sign * jnp.max(params[2], axis=-1)
         # `value == value` is False only for NaN, which stays NaN.
@@ -161,6 +183,17 @@ def _apply_policy(value, params, core, reach, saturation, sign):
             regular, log_det, jnp.where(saturated, log_det_far, log_det_other)
         )
         return out, log_det
+
+    @jax.checkpoint
+    def combine(value, params, out, log_det):
+        return map_row_chunks(
+            combine_chunk,
+            (jnp.broadcast_to(value, shape), out, log_det),
+            params,
+            shape,
+            _POLICY_CHUNK_ELEMENTS,
+            remat=True,
+        )
 
     def keep(value, params, out, log_det):
         del value, params

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrax_mixcdf import MixtureGaussianCDF, _mixture
+from distrax_mixcdf import MixtureGaussianCDF, _mixture, _root_finding, mixture_cdf
 
 DTYPE = np.float32
 
@@ -386,6 +386,86 @@ def test_chunked_tangent_rule_matches_one_piece(case):
         want = np.sum([np.asarray(getattr(g, a)) for g in parts], axis=0)
         scale = np.max(np.abs(want))
         np.testing.assert_allclose(getattr(whole, a), want, atol=2e-4 * scale)
+
+
+@jax.jit
+def _masked_maps_and_grads(bijector, values, weights):
+    """Both maps and the parameter gradients of a loss that skips non-finite outputs."""
+
+    def loss(b):
+        total = 0.0
+        for fn in (b.forward_and_log_det, b.inverse_and_log_det):
+            out, log_det = fn(values)
+            keep = jnp.isfinite(out) & jnp.isfinite(log_det)
+            total = total + jnp.sum(
+                jnp.where(keep, weights * (out + 0.5 * log_det), 0.0)
+            )
+        return total
+
+    maps = (bijector.forward_and_log_det(values), bijector.inverse_and_log_det(values))
+    return maps, jax.grad(loss)(bijector)
+
+
+@pytest.mark.parametrize("case", ["shared", "per_element", "per_dimension"])
+def test_chunked_solver_and_policy_match_one_piece(case, monkeypatch):
+    """The root find and the non-finite policy run in row chunks on big batches.
+
+    With the chunk sizes patched down to 1024 elements, a batch of ~8k
+    elements (the solver's knot table in use for "shared", not for the
+    slices) with NaN, ±inf and saturated inputs spread over several chunks
+    must give the outputs and parameter gradients of slices small enough to
+    run in one piece. 8210 rows has no split into chunks of a multiple of 16
+    rows, so the last chunk is padded. "per_element": [N, K] parameters,
+    chunked with the rows; "per_dimension": [N, 2] inputs, [2, K] parameters.
+    """
+    monkeypatch.setattr(_root_finding, "_SOLVE_CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(mixture_cdf, "_POLICY_CHUNK_ELEMENTS", 1024)
+    rng = np.random.default_rng(11)
+    n = {"shared": 8210, "per_element": 4100, "per_dimension": 4105}[case]
+    param_shape = {"shared": (4,), "per_element": (n, 4), "per_dimension": (2, 4)}
+    params = (
+        rng.normal(size=param_shape[case]),
+        rng.normal(size=param_shape[case]) * 2,
+        rng.normal(size=param_shape[case]) * 0.4 - 0.3,
+    )
+    layer = _checks.make_bijector(*params, DTYPE)
+    value_shape = (n, 2) if case == "per_dimension" else (n,)
+    values = rng.normal(size=value_shape) * 2
+    irregular = [np.nan, np.inf, -np.inf, 3e30, -3e30, 7.0]
+    rows = np.linspace(10, n - 10, len(irregular)).astype(int)
+    values[rows] = np.reshape(irregular, (-1,) + (1,) * (values.ndim - 1))
+    values = jnp.asarray(values, DTYPE)
+    weights = jnp.asarray(rng.uniform(0.5, 1.5, size=value_shape), DTYPE)
+    whole_maps, whole_grads = _masked_maps_and_grads(layer, values, weights)
+    names = ("logits", "means", "log_scales")
+    edges = np.linspace(0, n, 6).astype(int)  # slices of < 2 chunks each
+    part_maps, part_grads = [], []
+    for lo, hi in itertools.pairwise(edges):
+        part = layer
+        if case == "per_element":
+            part = MixtureGaussianCDF(*(getattr(layer, a)[lo:hi] for a in names))
+        maps, grads = _masked_maps_and_grads(part, values[lo:hi], weights[lo:hi])
+        part_maps.append(maps)
+        part_grads.append(grads)
+    for which in range(2):
+        for output in range(2):
+            want = np.concatenate([m[which][output] for m in part_maps])
+            got = np.asarray(whole_maps[which][output])
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    # The saturated inputs came out finite, the infinities infinite.
+    assert np.all(np.isfinite(np.asarray(whole_maps[1][0])[rows[3:]]))
+    assert np.all(np.isinf(np.asarray(whole_maps[1][0])[rows[1:3]]))
+    for a in names:
+        got = np.asarray(getattr(whole_grads, a))
+        assert np.all(np.isfinite(got))
+        if case == "per_element":
+            want = np.concatenate([getattr(g, a) for g in part_grads])
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        else:
+            want = np.sum([np.asarray(getattr(g, a)) for g in part_grads], axis=0)
+            scale = np.max(np.abs(want))
+            np.testing.assert_allclose(got, want, atol=2e-4 * scale)
 
 
 def test_tangent_coefficients_do_not_depend_on_the_callers_shift():
