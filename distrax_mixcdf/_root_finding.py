@@ -6,7 +6,7 @@ close to linear in both tails, so Newton steps stay well behaved far out.
 
 * Every solver starts inside the closed-form bracket of `_mixture.cdf_bracket`
   and runs a batch-level ``lax.while_loop`` (no ``vmap`` of a per-element
-  loop) on each row chunk of ~2^18 elements (`_chunks.map_row_chunks`): a
+  loop) on each row chunk of ~2^17 elements (`_chunks.map_row_chunks`): a
   chunk stops once all its elements have converged, its loop state stays in
   cache, and the call's temporaries stay small enough that glibc reuses their
   memory instead of page-faulting a fresh mapping on every call.
@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from distrax_mixcdf._chunks import map_row_chunks
+from distrax_mixcdf._irregular import inverse_far
 from distrax_mixcdf._mixture import (
     cdf_bracket,
     forward_and_log_det,
@@ -110,8 +111,10 @@ _TABLE_MIN_SHARING = 16 * _TABLE_KNOTS
 # while_loop, whose state stays in cache, and the call's temporaries stay below
 # glibc's 32 MiB mmap threshold (see `_chunks`). Larger chunks launch fewer
 # kernels: measured on N = 1e6 float32, K = 8, 2^14 → 30 ms, 2^16 → 26 ms,
-# 2^18 → 22 ms per inverse (35 ms unchunked, 17k page faults per call).
-_SOLVE_CHUNK_ELEMENTS = 1 << 18
+# 2^18 → 22 ms per inverse (35 ms unchunked, 17k page faults per call); 2^18
+# measured as fast as 2^17 once the inverse's policy moved into the solver,
+# but set value_and_grad's temporaries at 36 MiB (page faults), 2^17 at 29.
+_SOLVE_CHUNK_ELEMENTS = 1 << 17
 # A knot is a root found to tolerance, not exactly: widen the knot bracket by
 # this fraction of the interval so rounding never excludes the true root.
 _KNOT_BRACKET_SLACK = 1e-3
@@ -150,7 +153,7 @@ def _knot_table(params: Params, options: SolverOptions, dtype):
     log_weights, means, log_scales = (p[..., None, :] for p in params)
     knot_params = (log_weights, means, log_scales)
     knot_roots, knot_log_det, _ = solve(knots, knot_params, options, use_table=False)
-    return knot_roots, jnp.exp(-knot_log_det)
+    return knot_roots, jnp.exp(knot_log_det)
 
 
 def _lookup(table: jax.Array, knot_index: jax.Array) -> jax.Array:
@@ -326,6 +329,14 @@ def solve(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Solves ``T(x; params) = y`` for ``x`` without any gradient rule.
 
+    NaN, ``±inf`` and ``|y|`` beyond `_irregular.saturation_threshold` (where
+    ``y²`` would overflow) are solved at the stand-in ``y = 0`` and their
+    outputs replaced by `_irregular.inverse_far`'s, chunk by chunk. (Done in
+    the bijector's policy instead, around the whole call, its ``lax.cond``
+    held copies of the batch through the backward pass: the gradient's
+    temporaries were 40 MB rather than 29 MB per 1e6 elements, above glibc's
+    32 MiB mmap threshold, so every call page-faulted.)
+
     Args:
       y: Latent values, broadcastable against the parameter batch shape.
       params: ``(log_weights, means, log_scales)``, each ``[..., K]``.
@@ -333,8 +344,9 @@ def solve(
       use_table: Allow the knot-table start (the table's own solve says no).
 
     Returns:
-      ``(x, log_det, iterations)``: the root and ``log T'(x)`` of the broadcast
-      batch shape, and the number of batch iterations used.
+      ``(x, log_det, iterations)``: the root and the inverse's log-det
+      ``log |dx/dy| = -log T'(x)`` of the broadcast batch shape, and the
+      largest number of loop iterations a chunk used.
     """
     shape = jnp.broadcast_shapes(y.shape, _param_batch_shape(params))
     table = None
@@ -353,6 +365,9 @@ def solve(
 def _solve_chunk(y, shared, options: SolverOptions):
     """`solve` on one chunk of the batch: its own loop, stopping on its own."""
     params, table = shared
+    # NaN, ±inf and saturated y are solved at 0 and then replaced (`_irregular`).
+    regular, x_far, log_det_far = inverse_far(y, params)
+    y = jnp.where(regular, y, 0.0)
     state = _initial_state(y, params, table)
 
     def run(state: _State, options: SolverOptions, max_iter: int) -> _State:
@@ -367,7 +382,9 @@ def _solve_chunk(y, shared, options: SolverOptions):
         # it were a root: elements it left unconverged are finished by the
         # safeguarded solver inside the bracket Newton kept updating.
         state = run(state, options._replace(root_finder="hybrid"), 2 * options.max_iter)
-    return state.x, state.log_det, state.iteration
+    log_det = state.log_det
+    x = jnp.where(regular, state.x, x_far)
+    return x, jnp.where(regular, -log_det, log_det_far), state.iteration
 
 
 def _unrolled_solve(y: jax.Array, params: Params, options: SolverOptions):
@@ -411,7 +428,7 @@ def implicit_inverse(y: jax.Array, params: Params, options: SolverOptions):
       options: Solver settings (static).
 
     Returns:
-      ``(x, log_det)``: the root and the forward log-det ``log T'(x)`` there.
+      ``(x, log_det)``: the root and the inverse's log-det ``-log T'(x)``.
     """
     x, log_det, _ = solve(y, params, options)
     return x, log_det
@@ -452,8 +469,7 @@ def inverse_and_log_det(
       ``(x, log_det)`` where ``log_det = -log T'(x)`` is the inverse's log-det.
     """
     if options.inverse_grad == "implicit":
-        x, forward_log_det = implicit_inverse(y, params, options)
-        return x, -forward_log_det
+        return implicit_inverse(y, params, options)
     if options.inverse_grad == "one_step":
         root = lax.stop_gradient(solve(y, params, options)[0])
         y_at_root, log_det = forward_and_log_det(root, params)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distrax_mixcdf import _mixture, _root_finding
+from distrax_mixcdf import _irregular, _mixture, _root_finding
 from distrax_mixcdf._chunks import map_row_chunks
 from distrax_mixcdf._root_finding import INVERSE_GRADIENTS, ROOT_FINDERS, SolverOptions
 
@@ -44,86 +44,14 @@ def _as_float_param(name: str, value: Any) -> jax.Array:
     return array
 
 
-def _saturation_threshold(dtype) -> float:
-    """``|z|`` beyond which ``z²`` would overflow in the tail numerics (÷ 16)."""
-    return float(np.sqrt(np.finfo(dtype).max)) / 16.0
-
-
-def _forward_reach(params) -> jax.Array:
-    """Below this ``|x|`` no element can be saturated (see `_forward_saturation`)."""
-    _, means, log_scales = params
-    threshold = _saturation_threshold(means.dtype)
-    return jnp.max(threshold * jnp.exp(log_scales) - jnp.abs(means), axis=-1)
-
-
-def _forward_saturation(x, params):
-    r"""``(saturated, y, log_det)`` where every ``z_k`` lies beyond the threshold.
-
-    When all ``z_k = (x - μ_k)/σ_k`` exceed ``t = sqrt(max float)/16`` on the same
-    side (1.2e18 in float32), the component with the smallest ``|z_k|``
-    dominates the tail and ``y = z_{k*}(1 + O(\log z / z^2))``,
-    ``log|dy/dx| = -\log σ_{k*}(1 + O(z^{-2}))``: exact to working precision,
-    where the log-space tail pass would overflow ``z²``.
-    """
-    _, means, log_scales = params
-    threshold = _saturation_threshold(x.dtype)
-    shape = jnp.broadcast_shapes(x.shape, means.shape[:-1])
-    lowest = highest = lowest_scale = highest_scale = jnp.zeros(shape, x.dtype)
-    for k in range(log_scales.shape[-1]):
-        log_scale = jnp.broadcast_to(log_scales[..., k], shape)
-        z = jnp.broadcast_to((x - means[..., k]) * jnp.exp(-log_scales[..., k]), shape)
-        lower = (z < lowest) | (k == 0)
-        higher = (z > highest) | (k == 0)
-        lowest = jnp.where(lower, z, lowest)
-        lowest_scale = jnp.where(lower, log_scale, lowest_scale)
-        highest = jnp.where(higher, z, highest)
-        highest_scale = jnp.where(higher, log_scale, highest_scale)
-    right, left = lowest > threshold, highest < -threshold
-    y = jnp.where(right, lowest, highest)
-    return right | left, y, -jnp.where(right, lowest_scale, highest_scale)
-
-
-def _inverse_reach(params) -> jax.Array:
-    """Below this ``|y|`` no element is saturated (see `_inverse_saturation`)."""
-    return jnp.asarray(_saturation_threshold(params[1].dtype), params[1].dtype)
-
-
-def _inverse_saturation(y, params):
-    r"""``(saturated, x, log_det)`` for ``|y|`` beyond the threshold.
-
-    There the root is the bracket end ``max_k(μ_k + σ_k y)`` (``y > 0``) or
-    ``min_k`` (``y < 0``) to relative ``O(\log w / y^2)``, and the inverse's
-    log-det is ``\log σ`` of that component.
-    """
-    _, means, log_scales = params
-    shape = jnp.broadcast_shapes(y.shape, means.shape[:-1])
-    saturated = jnp.broadcast_to(jnp.abs(y) > _inverse_reach(params), shape)
-    best = best_scale = jnp.zeros(shape, y.dtype)
-    for k in range(log_scales.shape[-1]):
-        log_scale = jnp.broadcast_to(log_scales[..., k], shape)
-        candidate = jnp.broadcast_to(
-            means[..., k] + jnp.exp(log_scales[..., k]) * y, shape
-        )
-        better = jnp.where(y > 0, candidate > best, candidate < best) | (k == 0)
-        best = jnp.where(better, candidate, best)
-        best_scale = jnp.where(better, log_scale, best_scale)
-    return saturated, best, best_scale
-
-
-def _apply_policy(value, params, core, reach, saturation, sign):
+def _apply_policy(value, params, core, reach, far, stand_in):
     """Runs ``core`` on the regular elements; NaN, ±inf and saturated ones apart.
 
-    * NaN gives NaN in both outputs.
-    * ``±inf`` gives ``±inf`` and the limit of the log-det there,
-      ``sign · max_k log σ_k`` (the widest component dominates both tails, so
-      ``dy/dx → 1/σ_max``).
-    * Finite values so far out that ``z²`` would overflow take the asymptotic
-      closed form of ``saturation`` (exact to working precision).
-
-    ``core`` sees a harmless stand-in (the first component's mean, or 0 for the
-    inverse) in every slot it does not own (the double-``where`` pattern), so
-    the discarded tangents there are finite and a loss that masks those
-    elements keeps finite gradients.
+    What those map to is `_irregular`'s (``far``): NaN to NaN, ±inf to ±inf
+    with the log-det's limit there, saturated values to an asymptotic closed
+    form. ``core`` sees a harmless stand-in in every slot it does not own (the
+    double-``where`` pattern), so the discarded tangents there are finite and
+    a loss that masks those elements keeps finite gradients.
 
     All of that runs only when the batch has an element beyond ``reach`` (or a
     NaN): one fused reduction decides, and two ``lax.cond`` pass a clean batch
@@ -131,28 +59,23 @@ def _apply_policy(value, params, core, reach, saturation, sign):
     The irregular branches run in rematerialised row chunks
     (`_chunks.map_row_chunks`): their residuals are then their operands, a
     clean batch writes no masks for the backward pass, and the per-component
-    selects of the saturation tests, transposed, take one chunk's memory. (Per-
-    element masks, selects and their transposes measured 3-7 ms of a 50-60 ms
-    value-and-grad through the inverse on 1e6 elements; unchunked, the
-    transposed irregular branch alone set a 109 MB temporary buffer for that
-    value-and-grad, which XLA allocates whether the branch runs or not.)
+    selects of the saturation tests, transposed, take one chunk's memory.
+    (Per-element masks, selects and their transposes measured 3-7 ms of a
+    50-60 ms value-and-grad through the inverse on 1e6 elements; unchunked,
+    the transposed irregular branch alone set a 109 MB temporary buffer for
+    that value-and-grad, which XLA allocates whether the branch runs or not.)
+
+    The default inverse does not come through here: its root finder and its
+    implicit rule handle these elements chunk by chunk themselves
+    (`_root_finding.solve`), which keeps the cond's copies of the whole batch
+    out of the gradient's memory.
     """
-
-    def stand_in(params):
-        return params[1][..., 0] if sign < 0 else jnp.zeros((), value.dtype)
-
     shape = np.broadcast_shapes(value.shape, params[1].shape[:-1])
     # NaN compares False, so a NaN batch counts as irregular too.
     irregular = ~jnp.all(jnp.abs(value) <= reach(params))
 
-    def masks(value, params):
-        finite = jnp.isfinite(value)
-        safe = jnp.where(finite, value, stand_in(params))
-        saturated, out_far, log_det_far = saturation(safe, params)
-        return finite & ~saturated, saturated, out_far, log_det_far
-
     def regular_chunk(value, params):
-        regular = masks(value, params)[0]
+        regular = far(value, params)[0]
         return jnp.where(regular, value, stand_in(params))
 
     # The outer checkpoint makes each branch's residuals its operands, which the
@@ -174,15 +97,10 @@ def _apply_policy(value, params, core, reach, saturation, sign):
         return jnp.broadcast_to(value, shape)
 
     def combine_chunk(value, out, log_det, params):
-        regular, saturated, out_far, log_det_far = masks(value, params)
-        limit = sign * jnp.max(params[2], axis=-1)
-        # `value == value` is False only for NaN, which stays NaN.
-        log_det_other = jnp.where(value == value, limit, value)
-        out = jnp.where(regular, out, jnp.where(saturated, out_far, value))
-        log_det = jnp.where(
-            regular, log_det, jnp.where(saturated, log_det_far, log_det_other)
+        regular, out_far, log_det_far = far(value, params)
+        return jnp.where(regular, out, out_far), jnp.where(
+            regular, log_det, log_det_far
         )
-        return out, log_det
 
     @jax.checkpoint
     def combine(value, params, out, log_det):
@@ -214,21 +132,26 @@ def _forward_with_policy(x, params):
         x,
         params,
         _mixture.forward_and_log_det,
-        _forward_reach,
-        _forward_saturation,
-        -1.0,
+        _irregular.forward_reach,
+        _irregular.forward_far,
+        _irregular.forward_stand_in,
     )
 
 
 @functools.partial(jax.jit, static_argnames="options")
 def _inverse_with_policy(y, params, options):
+    inverse = functools.partial(_root_finding.inverse_and_log_det, options=options)
+    if options.inverse_grad == "implicit":
+        # The root finder and the implicit rule apply the policy themselves.
+        shape = jnp.broadcast_shapes(y.shape, params[1].shape[:-1])
+        return inverse(jnp.broadcast_to(y, shape), params)
     return _apply_policy(
         y,
         params,
-        functools.partial(_root_finding.inverse_and_log_det, options=options),
-        _inverse_reach,
-        _inverse_saturation,
-        1.0,
+        inverse,
+        _irregular.inverse_reach,
+        _irregular.inverse_far,
+        _irregular.inverse_stand_in,
     )
 
 

@@ -406,30 +406,30 @@ def _masked_maps_and_grads(bijector, values, weights):
     return maps, jax.grad(loss)(bijector)
 
 
-@pytest.mark.parametrize("case", ["shared", "per_element", "per_dimension"])
+@pytest.mark.parametrize("case", ["shared", "per_element"])
 def test_chunked_solver_and_policy_match_one_piece(case, monkeypatch):
     """The root find and the non-finite policy run in row chunks on big batches.
 
     With the chunk sizes patched down to 1024 elements, a batch of ~8k
-    elements (the solver's knot table in use for "shared", not for the
-    slices) with NaN, ±inf and saturated inputs spread over several chunks
+    elements with NaN, ±inf and saturated inputs spread over several chunks
     must give the outputs and parameter gradients of slices small enough to
-    run in one piece. 8210 rows has no split into chunks of a multiple of 16
-    rows, so the last chunk is padded. "per_element": [N, K] parameters,
-    chunked with the rows; "per_dimension": [N, 2] inputs, [2, K] parameters.
+    run in one piece. "shared": 8210 inputs, one parameter set (the solver's
+    knot table in use, not for the slices); no split into chunks of a
+    multiple of 16 rows, so the last chunk is padded. "per_element": [N, 2]
+    inputs with [N, 2, K] parameters, chunked with the rows.
     """
     monkeypatch.setattr(_root_finding, "_SOLVE_CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(mixture_cdf, "_POLICY_CHUNK_ELEMENTS", 1024)
     rng = np.random.default_rng(11)
-    n = {"shared": 8210, "per_element": 4100, "per_dimension": 4105}[case]
-    param_shape = {"shared": (4,), "per_element": (n, 4), "per_dimension": (2, 4)}
+    n = {"shared": 8210, "per_element": 4100}[case]
+    param_shape = {"shared": (4,), "per_element": (n, 2, 4)}
     params = (
         rng.normal(size=param_shape[case]),
         rng.normal(size=param_shape[case]) * 2,
         rng.normal(size=param_shape[case]) * 0.4 - 0.3,
     )
     layer = _checks.make_bijector(*params, DTYPE)
-    value_shape = (n, 2) if case == "per_dimension" else (n,)
+    value_shape = (n, 2) if case == "per_element" else (n,)
     values = rng.normal(size=value_shape) * 2
     irregular = [np.nan, np.inf, -np.inf, 3e30, -3e30, 7.0]
     rows = np.linspace(10, n - 10, len(irregular)).astype(int)

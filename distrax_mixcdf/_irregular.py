@@ -1,0 +1,167 @@
+r"""Inputs the closed-form numerics do not take: NaN, ±inf, and saturated values.
+
+The map's numerics (`_mixture.py`, `_root_finding.py`) work while ``z²`` fits
+the float range. Beyond `saturation_threshold` (``sqrt(max)/16``,
+1.2e18 in float32) this module gives the outputs in closed form, exact to
+working precision, and it fixes what NaN and ±inf map to:
+
+* NaN gives NaN in both outputs.
+* ``±inf`` gives ``±inf`` and the limit of the log-det there,
+  ``-max_k log σ_k`` (forward) or ``+max_k log σ_k`` (inverse): the widest
+  component dominates both tails, so ``dy/dx → 1/σ_max``.
+* A finite value beyond the threshold takes the asymptotic form of the one
+  component that dominates there (`forward_saturation`, `inverse_saturation`).
+
+``*_far`` functions return those outputs for every element of a batch (finite
+garbage where the element is regular), computed at a finite stand-in where the
+input is not finite, so their derivatives are finite wherever a loss masks the
+element out (the double-``where`` pattern). They are differentiated by JAX:
+the bijector's policy (`mixture_cdf._apply_policy`) selects them, and the
+inverse's implicit rule takes their tangents (`_mixture.tangents_at`).
+
+What you may change: nothing here without updating the policy tests in
+`tests/test_reliability.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "forward_far",
+    "forward_reach",
+    "forward_saturation",
+    "forward_stand_in",
+    "inverse_far",
+    "inverse_reach",
+    "inverse_saturation",
+    "inverse_stand_in",
+    "saturation_threshold",
+    "tail_components",
+]
+
+
+def saturation_threshold(dtype) -> float:
+    """``|z|`` or ``|y|`` beyond which ``z²`` overflows in the tail numerics (÷ 16)."""
+    return float(math.sqrt(float(jnp.finfo(dtype).max))) / 16.0
+
+
+def forward_reach(params) -> jax.Array:
+    """Below this ``|x|`` no element can be saturated (see `forward_saturation`)."""
+    _, means, log_scales = params
+    threshold = saturation_threshold(means.dtype)
+    return jnp.max(threshold * jnp.exp(log_scales) - jnp.abs(means), axis=-1)
+
+
+def forward_saturation(x, params):
+    r"""``(saturated, y, log_det)`` where every ``z_k`` lies beyond the threshold.
+
+    When all ``z_k = (x - μ_k)/σ_k`` exceed ``t = sqrt(max float)/16`` on the same
+    side (1.2e18 in float32), the component with the smallest ``|z_k|``
+    dominates the tail and ``y = z_{k*}(1 + O(\log z / z^2))``,
+    ``log|dy/dx| = -\log σ_{k*}(1 + O(z^{-2}))``: exact to working precision,
+    where the log-space tail pass would overflow ``z²``.
+    """
+    _, means, log_scales = params
+    threshold = saturation_threshold(x.dtype)
+    shape = jnp.broadcast_shapes(x.shape, means.shape[:-1])
+    lowest = highest = lowest_scale = highest_scale = jnp.zeros(shape, x.dtype)
+    for k in range(log_scales.shape[-1]):
+        log_scale = jnp.broadcast_to(log_scales[..., k], shape)
+        z = jnp.broadcast_to((x - means[..., k]) * jnp.exp(-log_scales[..., k]), shape)
+        lower = (z < lowest) | (k == 0)
+        higher = (z > highest) | (k == 0)
+        lowest = jnp.where(lower, z, lowest)
+        lowest_scale = jnp.where(lower, log_scale, lowest_scale)
+        highest = jnp.where(higher, z, highest)
+        highest_scale = jnp.where(higher, log_scale, highest_scale)
+    right, left = lowest > threshold, highest < -threshold
+    y = jnp.where(right, lowest, highest)
+    return right | left, y, -jnp.where(right, lowest_scale, highest_scale)
+
+
+def inverse_reach(params) -> jax.Array:
+    """Below this ``|y|`` no element is saturated (see `inverse_saturation`)."""
+    return jnp.asarray(saturation_threshold(params[1].dtype), params[1].dtype)
+
+
+def tail_components(params) -> tuple[jax.Array, jax.Array]:
+    """One-hot ``[..., K]`` masks of the component that owns each far tail.
+
+    The widest component (largest ``σ``); among equally wide ones, the bracket
+    end: the largest mean for ``y → +∞``, the smallest for ``y → -∞``. Returned
+    as ``(positive, negative)``, per parameter set: for ``|y|`` beyond the
+    threshold ``μ_k + σ_k y`` is largest (smallest) for that component unless
+    the means differ by ~1e18 scales.
+    """
+    _, means, log_scales = params
+    widest = log_scales == jnp.max(log_scales, axis=-1, keepdims=True)
+    masks = []
+    for signed_means in (means, -means):
+        tied = jnp.where(widest, signed_means, -jnp.inf)
+        pick = widest & (tied == jnp.max(tied, axis=-1, keepdims=True))
+        # The first of any exact ties.
+        masks.append(pick & (jnp.cumsum(pick, axis=-1) == 1))
+    return masks[0], masks[1]
+
+
+def inverse_saturation(y, params):
+    r"""``(saturated, x, log_det)`` for ``|y|`` beyond the threshold.
+
+    There the root is the bracket end ``μ_k + σ_k y`` of the component that
+    owns the tail (`tail_components`), to relative ``O(\log w / y^2)``, and the
+    inverse's log-det is that component's ``\log σ``.
+    """
+    _, means, log_scales = params
+    shape = jnp.broadcast_shapes(y.shape, means.shape[:-1])
+    saturated = jnp.broadcast_to(jnp.abs(y) > inverse_reach(params), shape)
+    positive, negative = tail_components(params)
+    x = log_det = jnp.zeros(shape, y.dtype)
+    for k in range(log_scales.shape[-1]):
+        chosen = jnp.where(y > 0, positive[..., k], negative[..., k])
+        candidate = means[..., k] + jnp.exp(log_scales[..., k]) * y
+        x = x + jnp.where(chosen, candidate, 0.0)
+        log_det = log_det + jnp.where(chosen, log_scales[..., k], 0.0)
+    return saturated, x, log_det
+
+
+def forward_stand_in(params) -> jax.Array:
+    """The input the forward's core sees in place of an irregular one: ``μ_1``."""
+    return params[1][..., 0]
+
+
+def inverse_stand_in(params) -> jax.Array:
+    """The input the inverse's core sees in place of an irregular one: 0."""
+    return jnp.zeros((), params[1].dtype)
+
+
+def _far(value, params, saturation, stand_in, sign):
+    finite = jnp.isfinite(value)
+    safe = jnp.where(finite, value, stand_in(params))
+    saturated, out_far, log_det_far = saturation(safe, params)
+    limit = sign * jnp.max(params[2], axis=-1)
+    # `value == value` is False only for NaN, which stays NaN.
+    log_det_other = jnp.where(value == value, limit, value)
+    out = jnp.where(saturated, out_far, value)
+    log_det = jnp.where(saturated, log_det_far, log_det_other)
+    return finite & ~saturated, out, log_det
+
+
+def forward_far(x, params):
+    """``(regular, y, log_det)`` with the forward's outputs for irregular ``x``.
+
+    ``regular`` marks the elements the closed-form numerics own; elsewhere
+    ``y`` and ``log_det`` are this module's (see the module docstring).
+    """
+    return _far(x, params, forward_saturation, forward_stand_in, -1.0)
+
+
+def inverse_far(y, params):
+    """``(regular, x, log_det)`` with the inverse's outputs for irregular ``y``.
+
+    The log-det is the inverse's own, ``log |dx/dy|``.
+    """
+    return _far(y, params, inverse_saturation, inverse_stand_in, 1.0)
