@@ -10,7 +10,7 @@ Why this matters on XLA's CPU backend (measured, N = 1e6 float32, K = 8):
 * XLA allocates all temporaries of one call as a single buffer. Above 32 MiB
   glibc's ``malloc`` serves it by a fresh ``mmap`` on every call, and every
   4 KiB page touched costs a page fault (~1 µs): the unchunked inverse's
-  72 MB buffer took ~17k faults, ~15 ms of a 35 ms call. Below that size
+  72 MiB buffer took ~17k faults, ~15 ms of a 35 ms call. Below that size
   glibc reuses freed heap memory and a warm call faults on nothing.
 * One chunk's arrays stay in cache between the kernels of a loop body.
 * Each chunk costs the loop body's kernel launches again, so chunks should not

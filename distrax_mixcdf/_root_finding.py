@@ -334,7 +334,7 @@ def solve(
     outputs replaced by `_irregular.inverse_far`'s, chunk by chunk. (Done in
     the bijector's policy instead, around the whole call, its ``lax.cond``
     held copies of the batch through the backward pass: the gradient's
-    temporaries were 40 MB rather than 29 MB per 1e6 elements, above glibc's
+    temporaries were 40 MiB rather than 29 MiB per 1e6 elements, above glibc's
     32 MiB mmap threshold, so every call page-faulted.)
 
     Args:

@@ -62,7 +62,7 @@ def _apply_policy(value, params, core, reach, far, stand_in):
     selects of the saturation tests, transposed, take one chunk's memory.
     (Per-element masks, selects and their transposes measured 3-7 ms of a
     50-60 ms value-and-grad through the inverse on 1e6 elements; unchunked,
-    the transposed irregular branch alone set a 109 MB temporary buffer for
+    the transposed irregular branch alone set a 104 MiB temporary buffer for
     that value-and-grad, which XLA allocates whether the branch runs or not.)
 
     The default inverse does not come through here: its root finder and its
