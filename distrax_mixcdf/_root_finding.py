@@ -382,9 +382,8 @@ def _solve_chunk(y, shared, options: SolverOptions):
         # it were a root: elements it left unconverged are finished by the
         # safeguarded solver inside the bracket Newton kept updating.
         state = run(state, options._replace(root_finder="hybrid"), 2 * options.max_iter)
-    log_det = state.log_det
     x = jnp.where(regular, state.x, x_far)
-    return x, jnp.where(regular, -log_det, log_det_far), state.iteration
+    return x, jnp.where(regular, -state.log_det, log_det_far), state.iteration
 
 
 def _unrolled_solve(y: jax.Array, params: Params, options: SolverOptions):

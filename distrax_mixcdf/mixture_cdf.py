@@ -3,7 +3,9 @@
 ``MixtureGaussianCDF`` maps data to a standard-normal latent,
 ``y = Φ⁻¹(Σ_k w_k Φ((x − μ_k)/σ_k))``. The class only validates, stores and
 dispatches: the forward numerics live in `_mixture.py`, the inverse root find and
-its implicit gradient in `_root_finding.py`. Its pytree leaves are exactly the
+its implicit gradient in `_root_finding.py`, what NaN, ±inf and saturated inputs
+map to in `_irregular.py`, and the row chunking of large batches in
+`_chunks.py`. Its pytree leaves are exactly the
 three parameter arrays (solver options are static), so it works with ``jax.jit``,
 ``jax.vmap``, ``jax.grad``, optax and ``equinox.partition`` alike.
 """
