@@ -199,6 +199,11 @@ def _table_start(y, table, lower, upper):
 
 
 def _initial_state(y: jax.Array, params: Params, table) -> _State:
+    """The loop's start from the bracket and the table (or quantile) start.
+
+    ``y`` is finite here: `_solve_chunk` and the policy put a stand-in in place
+    of NaN, ±inf and saturated values.
+    """
     lower, upper = cdf_bracket(y, params)
     if table is not None:
         x, lower, upper = _table_start(y, table, lower, upper)
@@ -209,19 +214,14 @@ def _initial_state(y: jax.Array, params: Params, table) -> _State:
     return _State(
         iteration=jnp.zeros((), jnp.int32),
         x=jnp.broadcast_to(x, shape),
-        # Non-finite y is marked done at once; its log-det must not read as 0.
-        log_det=jnp.where(
-            jnp.isfinite(jnp.broadcast_to(y, shape)), 0.0, jnp.nan
-        ).astype(y.dtype),
+        log_det=jnp.zeros(shape, y.dtype),
         lower=jnp.broadcast_to(lower, shape),
         upper=jnp.broadcast_to(upper, shape),
         # As in Numerical Recipes' rtsafe, the step history starts at the
         # bracket width, so the first Newton steps are judged by the bracket.
         last_step=width,
         step_before_last=width,
-        # NaN in, NaN out: a NaN element never converges, so never holds the
-        # batch back either.
-        done=~jnp.isfinite(jnp.broadcast_to(y, shape)),
+        done=jnp.zeros(shape, bool),
     )
 
 
