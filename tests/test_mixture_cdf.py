@@ -332,17 +332,21 @@ def test_plain_newton_never_returns_an_unconverged_iterate():
 
 
 @jax.jit
-def _weighted_loss_grads(bijector, values, weights):
-    """Parameter gradients of a weighted sum over forward and inverse outputs."""
+def _masked_maps_and_grads(bijector, values, weights):
+    """Both maps and the parameter gradients of a loss that skips non-finite outputs."""
 
     def loss(b):
         total = 0.0
         for fn in (b.forward_and_log_det, b.inverse_and_log_det):
             out, log_det = fn(values)
-            total = total + jnp.sum(weights * (out + 0.5 * log_det))
+            keep = jnp.isfinite(out) & jnp.isfinite(log_det)
+            total = total + jnp.sum(
+                jnp.where(keep, weights * (out + 0.5 * log_det), 0.0)
+            )
         return total
 
-    return jax.grad(loss)(bijector)
+    maps = (bijector.forward_and_log_det(values), bijector.inverse_and_log_det(values))
+    return maps, jax.grad(loss)(bijector)
 
 
 @pytest.mark.parametrize("case", ["shared", "per_element"])
@@ -366,12 +370,12 @@ def test_chunked_tangent_rule_matches_one_piece(case):
     layer = _checks.make_bijector(*params, DTYPE)
     values = jnp.asarray(rng.normal(size=n) * 2, DTYPE)
     weights = jnp.asarray(rng.uniform(0.5, 1.5, size=n), DTYPE)
-    whole = _weighted_loss_grads(layer, values, weights)
+    whole = _masked_maps_and_grads(layer, values, weights)[1]
     names = ("logits", "means", "log_scales")
     if case == "per_element":
         for lo, hi in ((0, n // 2), (n // 2, n)):
             part = MixtureGaussianCDF(*(getattr(layer, a)[lo:hi] for a in names))
-            grads = _weighted_loss_grads(part, values[lo:hi], weights[lo:hi])
+            grads = _masked_maps_and_grads(part, values[lo:hi], weights[lo:hi])[1]
             for a in names:
                 np.testing.assert_allclose(
                     getattr(grads, a), getattr(whole, a)[lo:hi], rtol=1e-5, atol=1e-5
@@ -379,31 +383,13 @@ def test_chunked_tangent_rule_matches_one_piece(case):
         return
     edges = np.linspace(0, n, 9).astype(int)  # 8 equal slices
     parts = [
-        _weighted_loss_grads(layer, values[lo:hi], weights[lo:hi])
+        _masked_maps_and_grads(layer, values[lo:hi], weights[lo:hi])[1]
         for lo, hi in itertools.pairwise(edges)
     ]
     for a in names:
         want = np.sum([np.asarray(getattr(g, a)) for g in parts], axis=0)
         scale = np.max(np.abs(want))
         np.testing.assert_allclose(getattr(whole, a), want, atol=2e-4 * scale)
-
-
-@jax.jit
-def _masked_maps_and_grads(bijector, values, weights):
-    """Both maps and the parameter gradients of a loss that skips non-finite outputs."""
-
-    def loss(b):
-        total = 0.0
-        for fn in (b.forward_and_log_det, b.inverse_and_log_det):
-            out, log_det = fn(values)
-            keep = jnp.isfinite(out) & jnp.isfinite(log_det)
-            total = total + jnp.sum(
-                jnp.where(keep, weights * (out + 0.5 * log_det), 0.0)
-            )
-        return total
-
-    maps = (bijector.forward_and_log_det(values), bijector.inverse_and_log_det(values))
-    return maps, jax.grad(loss)(bijector)
 
 
 @pytest.mark.parametrize("case", ["shared", "per_element"])
