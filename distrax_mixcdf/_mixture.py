@@ -403,10 +403,6 @@ def _broadcast_tangent(tangent: jax.Array, batch_shape) -> jax.Array:
     return jnp.transpose(result, permutation)
 
 
-def _capped_signed_factor(sign, log_factor):
-    return (sign * _capped_exp(log_factor))[..., None]
-
-
 class _Mixture(NamedTuple):
     """The per-component arrays ``[..., K]`` the tangent rule reads.
 
@@ -493,70 +489,23 @@ def _standardized_and_responsibilities(x, mixture: _Mixture, log_norm):
     return z, terms
 
 
-def _bulk_coefficients(x, mixture: _Mixture, y, log_det, shifted, total, *, per):
-    """Coefficients where every tail mass is resolved in linear space.
+def _exactly_shifted(x, mixture: _Mixture, shift, shifted, total):
+    """``(e, Σe, log f + log sqrt(2 pi))`` with the shift an exact logsumexp.
 
-    ``shifted`` holds ``e^{t_k - shift}`` (``[..., K]``) and ``total`` its sum
-    over components, so ``ρ = shifted / total`` exactly. ``W`` needs no `erfc`:
-    with ``u_k = s z_k``, ``w_k Q(|u_k|)/f = ρ_k σ_k R(|u_k|)`` (`mills_ratio`,
-    exp-free in float32), and on the side ``u_k < 0``,
-    ``w_k Q(u_k)/f = w_k/f - ρ_k σ_k R(|u_k|)`` (at most a factor 2 of
-    cancellation: ``Q(u_k) ≥ 1/2`` there). The per-unit factors (``1/f`` or
-    ``1/φ(y)``) are capped, so an unselected ``vmap`` branch stays free of
-    ``0·inf``, whose NaN would leak into second derivatives.
+    For chunks where the caller's shift is off or may not be representable:
+    the max-shifted `_log_density` keeps ``log f`` exact between far-apart
+    components, where ``f`` itself underflows.
     """
-    sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
-    density_resp = shifted * (1.0 / total)[..., None]
-    z = (x[..., None] - mixture.means) * mixture.inv_scales
-    u = sign[..., None] * z
-    # w_k Q(|u_k|) per unit f.
-    near_tail = density_resp * mixture.scales * mills_ratio(jnp.abs(u))
-    # The logs of `total` are taken here, fused into the kernels that need them.
-    if per == "latent":
-        # Per unit φ(y) instead: times f/φ(y) = T' = e^{log_det}, up to the
-        # rounding that `total` (≈ 1) corrects.
-        log_factor = _LOG_SQRT_2PI + 0.5 * jnp.square(y)
-        near_tail = near_tail * _capped_exp(log_det + jnp.log(total))[..., None]
-    else:
-        # 1/f = sqrt(2 pi) e^{-(shift + log total)}.
-        log_factor = _LOG_SQRT_2PI - (log_det - 0.5 * jnp.square(y) + jnp.log(total))
-    whole = mixture.weights * _capped_exp(log_factor)[..., None]
-    tail_weights = jnp.where(u < 0, whole - near_tail, near_tail)
-    return TangentCoefficients(
-        density_resp,
-        sign[..., None] * tail_weights,
-        _density_slope(density_resp, z, mixture.inv_scales),
-    )
+    del shift, shifted, total
+    log_norm = _log_density(x, mixture.params)
+    _, shifted = _standardized_and_responsibilities(x, mixture, log_norm)
+    return shifted, shifted @ jnp.ones(shifted.shape[-1], shifted.dtype), log_norm
 
 
-def _log_space_coefficients(x, mixture: _Mixture, y, log_det, shifted, total, *, per):
-    """The same coefficients exact for any ``|y|`` and any ``f``.
-
-    ``log f`` by an exactly max-shifted logsumexp, and ``W`` as ``s π_k R(|y|)
-    e^{offset}`` with ``π = softmax(log w + log Q(s z))``: the Mills ratio
-    ``R(|y|)`` carries no ``y²`` cancellation, which ``e^{y²/2}`` times a tail
-    mass would in the far tails.
-    """
-    del shifted, total
-    sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
-    log_density_sum = _log_density(x, mixture.params)
-    z, density_resp = _standardized_and_responsibilities(x, mixture, log_density_sum)
-    log_masses = (
-        mixture.log_weights + _log_survival_and_log_mills(sign[..., None] * z)[0]
-    )
-    mass_shift = jnp.max(log_masses, axis=-1, keepdims=True)
-    mass_shift = jnp.where(jnp.isfinite(mass_shift), mass_shift, 0.0)
-    relative = jnp.exp(log_masses - mass_shift)
-    # Per unit f: W = π R(|y|) φ(y)/f = π R(|y|) e^{-log_det}; per unit φ(y): π R.
-    mills_offset = -log_det if per == "density" else jnp.zeros_like(log_det)
-    log_factor = (
-        log_mills_ratio(jnp.abs(y)) + mills_offset - jnp.log(jnp.sum(relative, -1))
-    )
-    return TangentCoefficients(
-        density_resp,
-        relative * _capped_signed_factor(sign, log_factor),
-        _density_slope(density_resp, z, mixture.inv_scales),
-    )
+def _as_shifted(x, mixture: _Mixture, shift, shifted, total):
+    """The caller's shift kept: its arrays pass through unchanged."""
+    del x, mixture
+    return shifted, total, shift
 
 
 def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoefficients:
@@ -574,25 +523,33 @@ def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoeffi
     where ``f`` underflows between far-apart components and ``1/f`` does not
     exist in floating point).
 
+    ``W`` needs no `erfc`: with ``u_k = s z_k``, ``w_k Q(|u_k|)/f = ρ_k σ_k
+    R(|u_k|)`` (`mills_ratio`, exp-free in float32), exact in any tail once
+    ``ρ`` is; on the side ``u_k < 0``, ``w_k Q(u_k)/f = w_k/f - ρ_k σ_k
+    R(|u_k|)`` (at most a factor 2 of cancellation: ``Q(u_k) ≥ 1/2`` there;
+    such a component has ``w_k ≤ 2Q(|y|)``, so ``w_k/f`` is no larger than
+    ``W`` itself). The per-unit factors (``1/f`` or ``1/φ(y)``) are capped, so
+    a zero cotangent never meets ``inf``, whose NaN would leak into second
+    derivatives.
+
     How it stays cheap on XLA's CPU backend, which fuses freely and duplicates
-    cheap producers into every consumer (``optimization_barrier`` does not
-    stop it there):
+    cheap producers into every consumer:
 
     * The components are shifted by ``log f`` as the caller already knows it,
       ``log_det + log φ(y)`` (equal up to rounding), instead of by their max: a
       max-shift would be recomputed inside every per-component consumer.
-      ``e^{t_k - shift}`` is one vectorised ``[..., K]`` kernel, its sum over
-      components (≈ 1) a matrix-vector product with ones, and dividing by that
-      sum makes ``ρ`` exact. (A flat component loop for the sum, plus a second
-      exp for ``ρ``, measured ~0.8 ms slower per million elements.)
-    * ``ρ`` and ``W`` are ``[..., K]`` arrays returned by a ``lax.cond``, whose
-      outputs are real buffers that the tangent kernels read instead of
-      recompute. (`tangents_at` calls this on chunks of the batch, so they stay
-      in cache.)
-    * The exact log-space branch runs only when some ``|y|`` lies beyond the
-      bulk, or the cheap shift is off (the sum outside ``[e^-46, e^46]``), or,
-      for ``per="density"``, ``f`` may underflow. Both branches are plain
-      elementwise code, so derivatives of any order go through the ``cond``.
+      ``e_k = e^{t_k - shift}`` is one vectorised ``[..., K]`` kernel, its sum
+      over components (≈ 1) a matrix-vector product with ones, and ``ρ = e/Σe``
+      is exact whatever the shift's rounding.
+    * Only where that shift may be unusable does a ``lax.cond`` recompute it
+      exactly (`_exactly_shifted`): some ``|y|`` beyond the bulk, the sum
+      outside ``[e^-46, e^46]``, or, for ``per="density"``, ``f`` near
+      underflow. Its other branch passes ``e`` through, which XLA aliases (no
+      copy), so the coefficients below are formed inline and fused into the
+      tangent kernels that read them. (Returning ``ρ`` and ``W`` from the
+      ``cond`` instead made them buffers written and re-read per chunk:
+      ~1 ms more per million elements in the backward pass through the
+      inverse.)
 
     Args:
       x: Points of the forward map.
@@ -624,16 +581,38 @@ def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoeffi
         # the shift is fine, log f > shift - 46, so this test covers it.
         smallest_log_density = math.log(jnp.finfo(x.dtype).tiny) + 8.0
         outside_bulk = outside_bulk | (shift < smallest_log_density + 46.0)
-    return lax.cond(
+    shifted, total, shift = lax.cond(
         jnp.any(outside_bulk),
-        functools.partial(_log_space_coefficients, per=per),
-        functools.partial(_bulk_coefficients, per=per),
+        _exactly_shifted,
+        _as_shifted,
         x,
         mixture,
-        y,
-        log_det,
+        shift,
         shifted,
         total,
+    )
+
+    sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
+    density_resp = shifted * (1.0 / total)[..., None]
+    z = (x[..., None] - mixture.means) * mixture.inv_scales
+    u = sign[..., None] * z
+    # w_k Q(|u_k|) per unit f.
+    near_tail = density_resp * mixture.scales * mills_ratio(jnp.abs(u))
+    # The logs of `total` are taken here, fused into the kernels that need them.
+    if per == "latent":
+        # Per unit φ(y) instead: times f/φ(y) = T' = e^{log_det}, up to the
+        # rounding that `total` (≈ 1) corrects.
+        log_factor = _LOG_SQRT_2PI + 0.5 * jnp.square(y)
+        near_tail = near_tail * _capped_exp(log_det + jnp.log(total))[..., None]
+    else:
+        # 1/f = sqrt(2 pi) e^{-(shift + log total)}.
+        log_factor = _LOG_SQRT_2PI - (shift + jnp.log(total))
+    whole = mixture.weights * _capped_exp(log_factor)[..., None]
+    tail_weights = jnp.where(u < 0, whole - near_tail, near_tail)
+    return TangentCoefficients(
+        density_resp,
+        sign[..., None] * tail_weights,
+        _density_slope(density_resp, z, mixture.inv_scales),
     )
 
 
@@ -676,7 +655,8 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     returned `_irregular.inverse_far`'s closed forms; their tangents are those
     of the closed forms (`_inverse_far_tangents`), and the rule's coefficients
     are evaluated at a finite stand-in there, so a cotangent of zero never
-    meets an infinite coefficient.
+    meets an infinite coefficient. A ``lax.cond`` over the whole batch skips
+    that per-element work when no ``y`` is irregular.
 
     Args:
       x: A point of the forward map.
@@ -693,30 +673,54 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     """
     shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y), params[0].shape[:-1])
     known_dot = x_dot if solve_for == "y" else y_dot
-    solved_dot, log_det_dot = _in_chunks(
-        functools.partial(_chunk_tangents, solve_for=solve_for),
-        tuple(jnp.broadcast_to(v, shape) for v in (x, y, log_det, known_dot)),
-        # The parameter tangents also as given, unbroadcast: the inverse's
-        # irregular elements use them per parameter set (`_inverse_far_tangents`).
-        (_mixture_arrays(params), tuple(params_dot)),
-        tuple(params_dot),
-        shape,
-    )
+    mixture = _mixture_arrays(params)
+
+    def chunk_loop(irregular_rows):
+        def run(x, y, log_det, known_dot, params_dot):
+            return _in_chunks(
+                functools.partial(
+                    _chunk_tangents, solve_for=solve_for, irregular_rows=irregular_rows
+                ),
+                tuple(jnp.broadcast_to(v, shape) for v in (x, y, log_det, known_dot)),
+                # The parameter tangents also as given, unbroadcast: irregular
+                # elements use them per parameter set (`_inverse_far_tangents`).
+                (mixture, params_dot),
+                params_dot,
+                shape,
+            )
+
+        return run
+
+    operands = (x, y, log_det, known_dot, tuple(params_dot))
     if solve_for == "y":
+        solved_dot, log_det_dot = chunk_loop(False)(*operands)
         return x_dot, solved_dot, log_det_dot
+    # Irregular y are rare: only a batch that has some pays for their selects
+    # and far tangents in every chunk (~1.5 ms per million elements in the
+    # backward pass through the inverse, measured).
+    has_irregular = jnp.any(~(jnp.abs(y) <= saturation_threshold(y.dtype)))
+    solved_dot, log_det_dot = lax.cond(
+        has_irregular, chunk_loop(True), chunk_loop(False), *operands
+    )
     return solved_dot, y_dot, log_det_dot
 
 
-def _chunk_tangents(x, y, log_det, known_dot, shared, params_dot, solve_for):
+def _chunk_tangents(
+    x, y, log_det, known_dot, shared, params_dot, solve_for, irregular_rows
+):
     """`tangents_at` on one chunk: ``(ẏ or ẋ, log_det_dot)``.
 
     Everything, including the primal coefficients, is computed here from the
     chunk's inputs, so that in reverse mode nothing of size ``[..., K]`` is
-    saved: the transposed loop recomputes it chunk by chunk.
+    saved: the transposed loop recomputes it chunk by chunk. With
+    ``irregular_rows`` (inverse only) some ``y`` may be NaN, ``±inf`` or
+    saturated, and those rows get `_inverse_far_tangents`.
     """
     mixture, given_params_dot = shared
     per = "latent" if solve_for == "y" else "density"
-    if solve_for == "x":
+    if solve_for == "x" and not irregular_rows:
+        log_det = -log_det  # the forward's, from here
+    elif solve_for == "x":
         # NaN, ±inf and saturated y (`_irregular`): the rule runs at a finite
         # stand-in there, and their tangents come from `inverse_far` below.
         y_given = y
@@ -728,8 +732,8 @@ def _chunk_tangents(x, y, log_det, known_dot, shared, params_dot, solve_for):
     rho = coefficients.density_resp
     shape = rho.shape[:-1]
     scales, inv_scales = mixture.scales, mixture.inv_scales
-    # z again rather than a third [chunk, K] output of the cond above: one
-    # subtract and one multiply per entry, fused into the kernels that use it.
+    # z again, as `tangent_coefficients` forms it: one subtract and one
+    # multiply per entry, fused into the kernels that use it.
     z = (x[..., None] - mixture.means) * inv_scales
     weight_dot, mean_dot, log_scale_dot = (
         _broadcast_tangent(p, shape) for p in params_dot
@@ -755,6 +759,8 @@ def _chunk_tangents(x, y, log_det, known_dot, shared, params_dot, solve_for):
     log_det_dot = log_density_dot - coefficients.curvature * x_dot + y * y_dot
     if solve_for == "y":
         return solved_dot, log_det_dot
+    if not irregular_rows:
+        return solved_dot, -log_det_dot
     x_far_dot, log_det_far_dot = _inverse_far_tangents(
         y_given, mixture, known_dot, *given_params_dot[1:]
     )
