@@ -526,11 +526,11 @@ def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoeffi
     ``W`` needs no `erfc`: with ``u_k = s z_k``, ``w_k Q(|u_k|)/f = ρ_k σ_k
     R(|u_k|)`` (`mills_ratio`, exp-free in float32), exact in any tail once
     ``ρ`` is; on the side ``u_k < 0``, ``w_k Q(u_k)/f = w_k/f - ρ_k σ_k
-    R(|u_k|)`` (at most a factor 2 of cancellation: ``Q(u_k) ≥ 1/2`` there;
-    such a component has ``w_k ≤ 2Q(|y|)``, so ``w_k/f`` is no larger than
-    ``W`` itself). The per-unit factors (``1/f`` or ``1/φ(y)``) are capped, so
-    a zero cotangent never meets ``inf``, whose NaN would leak into second
-    derivatives.
+    R(|u_k|)`` (at most a factor 2 of cancellation: ``Q(u_k) ≥ 1/2`` there,
+    so ``w_k/f ≤ 2 W_k``, and ``w_k ≤ 2Q(|y|)``: such components exist only
+    where the tail is not far). The per-unit factors (``1/f`` or ``1/φ(y)``)
+    are capped, so a zero cotangent never meets ``inf``, whose NaN would leak
+    into second derivatives.
 
     How it stays cheap on XLA's CPU backend, which fuses freely and duplicates
     cheap producers into every consumer:
@@ -697,8 +697,8 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
         return x_dot, solved_dot, log_det_dot
     # Irregular y are rare: only a batch that has some pays for their selects
     # and far tangents in every chunk (~1.5 ms per million elements in the
-    # backward pass through the inverse, measured).
-    # One max-reduction (NaN propagates through it and fails the test).
+    # backward pass through the inverse, measured). One max-reduction decides
+    # (NaN propagates through it and fails the test).
     has_irregular = ~(jnp.max(jnp.abs(y)) <= saturation_threshold(y.dtype))
     solved_dot, log_det_dot = lax.cond(
         has_irregular, chunk_loop(True), chunk_loop(False), *operands
