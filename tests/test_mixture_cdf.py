@@ -4,6 +4,7 @@ The float64 counterparts live in `test_mixture_cdf_float64.py` (x64 is enabled
 there only, so it cannot leak into these tests).
 """
 
+import functools
 import itertools
 
 import _checks
@@ -331,7 +332,6 @@ def test_plain_newton_never_returns_an_unconverged_iterate():
     np.testing.assert_allclose(x, [1.6345799, 1.9732018], rtol=1e-5)
 
 
-@jax.jit
 def _masked_maps_and_grads(bijector, values, weights):
     """Both maps and the parameter gradients of a loss that skips non-finite outputs."""
 
@@ -349,63 +349,38 @@ def _masked_maps_and_grads(bijector, values, weights):
     return maps, jax.grad(loss)(bijector)
 
 
-@pytest.mark.parametrize("case", ["shared", "per_element"])
-def test_chunked_tangent_rule_matches_one_piece(case):
-    """Batches of >= 2 x 65536 elements take the chunked, rematerialised rule.
+@functools.cache
+def _compiled_for_small_chunks(case):
+    """`_masked_maps_and_grads`, jitted afresh for the patched chunk sizes.
 
-    Its gradients must equal those computed over slices small enough to run in
-    one piece (to float32 summation-order rounding). "shared": 131104 inputs
-    (no split into chunks of a multiple of 16, so the last chunk is padded),
-    one parameter set (fixed across chunks).
-    "per_element": [N] inputs with [N, K] parameters (chunked with the rows).
+    A new function object per case, so that no version compiled elsewhere
+    with the default chunk sizes can be reused; both ``irregular_rows``
+    parametrisations of a case trace it under the same patches.
     """
-    rng = np.random.default_rng(7)
-    n = 131_104 if case == "shared" else 131_072
-    param_shape = (4,) if case == "shared" else (n, 4)
-    params = (
-        rng.normal(size=param_shape),
-        rng.normal(size=param_shape) * 2,
-        rng.normal(size=param_shape) * 0.4 - 0.3,
-    )
-    layer = _checks.make_bijector(*params, DTYPE)
-    values = jnp.asarray(rng.normal(size=n) * 2, DTYPE)
-    weights = jnp.asarray(rng.uniform(0.5, 1.5, size=n), DTYPE)
-    whole = _masked_maps_and_grads(layer, values, weights)[1]
-    names = ("logits", "means", "log_scales")
-    if case == "per_element":
-        for lo, hi in ((0, n // 2), (n // 2, n)):
-            part = MixtureGaussianCDF(*(getattr(layer, a)[lo:hi] for a in names))
-            grads = _masked_maps_and_grads(part, values[lo:hi], weights[lo:hi])[1]
-            for a in names:
-                np.testing.assert_allclose(
-                    getattr(grads, a), getattr(whole, a)[lo:hi], rtol=1e-5, atol=1e-5
-                )
-        return
-    edges = np.linspace(0, n, 9).astype(int)  # 8 equal slices
-    parts = [
-        _masked_maps_and_grads(layer, values[lo:hi], weights[lo:hi])[1]
-        for lo, hi in itertools.pairwise(edges)
-    ]
-    for a in names:
-        want = np.sum([np.asarray(getattr(g, a)) for g in parts], axis=0)
-        scale = np.max(np.abs(want))
-        np.testing.assert_allclose(getattr(whole, a), want, atol=2e-4 * scale)
+    del case
+    return jax.jit(lambda *args: _masked_maps_and_grads(*args))
 
 
+@pytest.mark.parametrize("irregular_rows", [True, False])
 @pytest.mark.parametrize("case", ["shared", "per_element"])
-def test_chunked_solver_and_policy_match_one_piece(case, monkeypatch):
-    """The root find and the non-finite policy run in row chunks on big batches.
+def test_chunked_maps_and_gradients_match_one_piece(case, irregular_rows, monkeypatch):
+    """The root find, the non-finite policy and the tangent rule run in row chunks.
 
-    With the chunk sizes patched down to 1024 elements, a batch of ~8k
-    elements with NaN, ±inf and saturated inputs spread over several chunks
-    must give the outputs and parameter gradients of slices small enough to
-    run in one piece. "shared": 8210 inputs, one parameter set (the solver's
-    knot table in use, not for the slices); no split into chunks of a
-    multiple of 16 rows, so the last chunk is padded. "per_element": [N, 2]
-    inputs with [N, 2, K] parameters, chunked with the rows.
+    With every chunk size patched down to 1024 elements, a batch of ~8k
+    elements spread over several chunks must give the outputs and parameter
+    gradients of slices small enough to run in one piece (to float32
+    summation-order rounding). With ``irregular_rows``, NaN, ±inf and
+    saturated inputs sit in several chunks (the rule's per-row stand-ins and
+    far tangents); without, the batch takes the rule's regular-only loop.
+    "shared": 8210 inputs, one parameter set (the solver's knot table in use,
+    not for the slices); no split into chunks of a multiple of 16 rows, so
+    the last chunk is padded. "per_element": [N, 2] inputs with [N, 2, K]
+    parameters, chunked with the rows.
     """
     monkeypatch.setattr(_root_finding, "_SOLVE_CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(mixture_cdf, "_POLICY_CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(_mixture, "_CHUNK_ELEMENTS", 1024)
+    maps_and_grads = _compiled_for_small_chunks(case)
     rng = np.random.default_rng(11)
     n = {"shared": 8210, "per_element": 4100}[case]
     param_shape = {"shared": (4,), "per_element": (n, 2, 4)}
@@ -419,10 +394,11 @@ def test_chunked_solver_and_policy_match_one_piece(case, monkeypatch):
     values = rng.normal(size=value_shape) * 2
     irregular = [np.nan, np.inf, -np.inf, 3e30, -3e30, 7.0]
     rows = np.linspace(10, n - 10, len(irregular)).astype(int)
-    values[rows] = np.reshape(irregular, (-1,) + (1,) * (values.ndim - 1))
+    if irregular_rows:
+        values[rows] = np.reshape(irregular, (-1,) + (1,) * (values.ndim - 1))
     values = jnp.asarray(values, DTYPE)
     weights = jnp.asarray(rng.uniform(0.5, 1.5, size=value_shape), DTYPE)
-    whole_maps, whole_grads = _masked_maps_and_grads(layer, values, weights)
+    whole_maps, whole_grads = maps_and_grads(layer, values, weights)
     names = ("logits", "means", "log_scales")
     edges = np.linspace(0, n, 6).astype(int)  # slices of < 2 chunks each
     part_maps, part_grads = [], []
@@ -430,7 +406,7 @@ def test_chunked_solver_and_policy_match_one_piece(case, monkeypatch):
         part = layer
         if case == "per_element":
             part = MixtureGaussianCDF(*(getattr(layer, a)[lo:hi] for a in names))
-        maps, grads = _masked_maps_and_grads(part, values[lo:hi], weights[lo:hi])
+        maps, grads = maps_and_grads(part, values[lo:hi], weights[lo:hi])
         part_maps.append(maps)
         part_grads.append(grads)
     for which in range(2):
@@ -439,9 +415,13 @@ def test_chunked_solver_and_policy_match_one_piece(case, monkeypatch):
             got = np.asarray(whole_maps[which][output])
             np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-    # The saturated inputs came out finite, the infinities infinite.
-    assert np.all(np.isfinite(np.asarray(whole_maps[1][0])[rows[3:]]))
-    assert np.all(np.isinf(np.asarray(whole_maps[1][0])[rows[1:3]]))
+    inverse_outputs = np.asarray(whole_maps[1][0])
+    if irregular_rows:
+        # The saturated inputs came out finite, the infinities infinite.
+        assert np.all(np.isfinite(inverse_outputs[rows[3:]]))
+        assert np.all(np.isinf(inverse_outputs[rows[1:3]]))
+    else:
+        assert np.all(np.isfinite(inverse_outputs))
     for a in names:
         got = np.asarray(getattr(whole_grads, a))
         assert np.all(np.isfinite(got))
