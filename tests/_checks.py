@@ -14,7 +14,7 @@ import reference
 import scipy.special as sps
 from hypothesis import strategies as st
 
-from distrax_mixcdf import MixtureGaussianCDF
+from distrax_mixcdf import MixtureGaussianCDF, _mixture
 
 TOL = {
     # (y relative/absolute, log_det relative, round-trip x relative)
@@ -95,7 +95,14 @@ def ulp(values, dtype):
 def check_forward_against_reference(params, dtype):
     x = evaluation_grid(params, dtype)
     bijector = make_bijector(*params, dtype)
-    y, log_det = (np.asarray(v, np.float64) for v in forward(bijector, jnp.asarray(x)))
+    assert_forward_matches_reference(
+        x, *forward(bijector, jnp.asarray(x)), params, dtype
+    )
+
+
+def assert_forward_matches_reference(x, y, log_det, params, dtype):
+    """``(y, log_det)`` at ``x`` within the issue's tolerances of mpmath's."""
+    y, log_det = (np.asarray(v, np.float64) for v in (y, log_det))
     y_ref, log_det_ref = reference.forward(x, params)
     assert np.all(np.isfinite(y)), "non-finite y"
     assert np.all(np.isfinite(log_det)), "non-finite log_det"
@@ -108,6 +115,45 @@ def check_forward_against_reference(params, dtype):
         np.max(np.abs(log_det - log_det_ref) - allowed),
         x[np.argmax(np.abs(log_det - log_det_ref) - allowed)],
     )
+
+
+def check_tail_pass_in_small_chunks(monkeypatch, dtype):
+    """The tail pass gathers its elements in chunks and writes over the bulk's.
+
+    With its chunk size patched down to 8 elements, 101 tail elements (|y|
+    beyond the bulk pass's reach: |x - μ| of 60 to 1e3 σ) spread over a batch
+    of 240 run in 13 chunks, the last one clamped into range; the bulk
+    elements between them, element 0 among them (where the padding's
+    out-of-range index must write nothing), keep the bulk pass's values. All
+    must match the mpmath reference.
+    """
+    monkeypatch.setattr(_mixture, "_TAIL_CHUNK_ELEMENTS", 8)
+    params = (
+        np.array([0.2, -0.4, 0.1]),
+        np.array([-1.0, 0.5, 2.0]),
+        np.array([-0.3, 0.2, -0.8]),
+    )
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=240) * 2
+    tail_rows = np.arange(1, 240, 2)[:101]
+    x[tail_rows] = rng.choice([-1.0, 1.0], 101) * rng.uniform(60.0, 1e3, 101)
+    x = x.astype(dtype)
+    bijector = make_bijector(*params, dtype)
+    # A new function, so that it is traced with the patched chunk size.
+    forward_fn = jax.jit(lambda b, v: b.forward_and_log_det(v))
+    y, log_det = forward_fn(bijector, x)
+    # Beyond the bulk pass's smallest tail mass (1e-20 / 1e-250).
+    bulk_limit = 9.3 if dtype == np.float32 else 33.8
+    assert np.all(np.abs(np.asarray(y)[tail_rows]) > bulk_limit)
+    assert_forward_matches_reference(x, y, log_det, params, dtype)
+    # The bulk elements are untouched: exactly what a batch without tail
+    # elements (which skips the tail pass) gives them.
+    is_tail = np.isin(np.arange(x.size), tail_rows)
+    bulk_only = forward_fn(bijector, np.where(is_tail, np.asarray(0.5, dtype), x))
+    for got, want in zip((y, log_det), bulk_only):
+        np.testing.assert_array_equal(
+            np.asarray(got)[~is_tail], np.asarray(want)[~is_tail]
+        )
 
 
 def check_monotone(params, dtype):

@@ -59,6 +59,10 @@ def test_naive_formula_saturates_where_ours_does_not():
     assert not np.isfinite(float(naive[2]))
 
 
+def test_tail_pass_in_small_chunks_matches_the_reference(monkeypatch):
+    _checks.check_tail_pass_in_small_chunks(monkeypatch, DTYPE)
+
+
 def test_k64_mixture_forward_and_round_trip():
     rng = np.random.default_rng(64)
     params = (rng.normal(size=64), rng.normal(size=64) * 4, rng.uniform(-2, 2, 64))

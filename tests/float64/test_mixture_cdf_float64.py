@@ -23,6 +23,10 @@ def test_forward_matches_mpmath_reference(params):
     _checks.check_forward_against_reference(params, DTYPE)
 
 
+def test_tail_pass_in_small_chunks_matches_the_reference(monkeypatch):
+    _checks.check_tail_pass_in_small_chunks(monkeypatch, DTYPE)
+
+
 @given(_checks.mixtures())
 def test_forward_is_monotone_and_finite_out_to_1e4_sigma(params):
     _checks.check_monotone(params, DTYPE)
