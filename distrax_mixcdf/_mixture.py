@@ -296,8 +296,8 @@ def _tail_pass_in_chunks(y, log_det, x, params, upper_side, needs_tail, chunk_si
     batch_shape = needs_tail.shape
     size = needs_tail.size
     count = jnp.sum(needs_tail)
-    # Padding entries point one past the end: their gathers are clamped into
-    # range and their writes dropped.
+    # Padding entries point one past the end: whatever is computed for them
+    # is never written (out-of-range writes are dropped).
     (flagged,) = jnp.nonzero(needs_tail.ravel(), size=size, fill_value=size)
     x_full = jnp.broadcast_to(x, batch_shape).ravel()
     upper_flat = upper_side.ravel()
