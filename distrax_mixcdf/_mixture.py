@@ -7,9 +7,10 @@ class (`mixture_cdf.py`) and the root finder (`_root_finding.py`) compose these.
 The forward runs in two passes:
 
 * **bulk** (always): sums the component probabilities in linear space, on the
-  side of the smaller tail, and applies `ndtri` once plus one Newton polish
-  step. In float32 this keeps ``y`` at ~1 ulp, where a pure log-space sum rounds
-  at ``ulp(log w)``.
+  side of the smaller tail, and applies `ndtri` once plus one Halley step
+  started from a fixed grid point (so ``y`` stays monotone in ``x`` at the ulp
+  level). In float32 this keeps ``y`` at ~1 ulp, where a pure log-space sum
+  rounds at ``ulp(log w)``.
 * **tail** (only for elements whose smaller tail mass is below 1e-20 in float32
   or 1e-250 in float64, and only when the batch has any): the same map in log
   space with Mills ratios, exact out to ``|x - μ| = 1e4·σ`` and beyond. A
@@ -131,15 +132,21 @@ def _latent_from_signed_tail(signed_tail):
     in_tail = tail < _smallest_bulk_tail(tail.dtype)
     # Double-where: `ndtri` only ever sees a probability where it is finite.
     safe_tail = jnp.where(in_tail, 0.25, tail)
-    magnitude = -ndtri(safe_tail)
-    # One Newton step on Q(m) = tail: float32 `ndtri` alone is off by up to
-    # 3 ulps (2e-7 relative, measured), which the inverse's 4-ulp residual
-    # budget cannot absorb; after the step y is within ~1 ulp.
-    density_at_magnitude = jnp.exp(-0.5 * jnp.square(magnitude)) * _INV_SQRT_2PI
-    magnitude = (
-        magnitude
-        + (0.5 * erfc(magnitude * _INV_SQRT_2) - safe_tail) / density_at_magnitude
-    )
+    # float32 `ndtri` alone is off by up to 3 ulps (2e-7 relative, measured),
+    # which the inverse's 4-ulp residual budget cannot absorb, so y is refined
+    # by one Halley step on Q(m) = tail. The step starts from `ndtri`'s value
+    # snapped to a grid of 2^-12 (float32) or 2^-20 (float64), not from the
+    # value itself: with the start fixed, the result is a monotone function of
+    # `tail` (every rounded operation is), so y cannot step back by an ulp
+    # between neighbouring inputs on a plateau of the map, as it did when the
+    # start moved with `tail`; only across grid lines can the start change.
+    # From within half a grid step a Halley step is exact to well below an ulp.
+    grid = 2.0**12 if tail.dtype == jnp.float32 else 2.0**20
+    anchor = jnp.round(-ndtri(safe_tail) * grid) / grid
+    density_at_anchor = jnp.exp(-0.5 * jnp.square(anchor)) * _INV_SQRT_2PI
+    step = (0.5 * erfc(anchor * _INV_SQRT_2) - safe_tail) / density_at_anchor
+    # Q(a + e) = Q(a) - φ(a)(e - a e²/2 + ...), so e = step + a·step²/2.
+    magnitude = anchor + (step + 0.5 * anchor * jnp.square(step))
     magnitude = jnp.where(in_tail, _Y_SENTINEL, magnitude)
     # NaN stays NaN: only a strictly positive signed tail is the upper side.
     return jnp.where(

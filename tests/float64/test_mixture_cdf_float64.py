@@ -27,6 +27,10 @@ def test_tail_pass_in_small_chunks_matches_the_reference(monkeypatch):
     _checks.check_tail_pass_in_small_chunks(monkeypatch, DTYPE)
 
 
+def test_forward_is_monotone_on_a_plateau():
+    _checks.check_monotone_on_plateau(DTYPE)
+
+
 @given(_checks.mixtures())
 def test_forward_is_monotone_and_finite_out_to_1e4_sigma(params):
     _checks.check_monotone(params, DTYPE)
