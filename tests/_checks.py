@@ -117,6 +117,31 @@ def assert_forward_matches_reference(x, y, log_det, params, dtype):
     )
 
 
+def check_converged_within_four_ulps(layer, y, dtype):
+    """The inverse's root is within four ulps of x of the exact one.
+
+    That is: ``y`` lies between ``T`` four ulps either side of the returned
+    root, up to four ulps of ``y``. Outside the foundation's envelope its
+    residual bound does not apply: the bound's ``2·f'·ulp(x)`` takes ``T'`` at
+    the root, and next to a component only a few ulps wide ``T'`` changes by
+    orders of magnitude within an ulp (a component narrower than an ulp makes
+    ``T`` jump).
+    """
+    x_hat = np.asarray(inverse(layer, jnp.asarray(y))[0])
+    assert np.all(np.isfinite(x_hat))
+    below, above = x_hat, x_hat
+    for _ in range(4):
+        below = np.nextafter(below, -np.inf, dtype=dtype)
+        above = np.nextafter(above, np.inf, dtype=dtype)
+    y_below = np.asarray(forward(layer, jnp.asarray(below))[0], np.float64)
+    y_above = np.asarray(forward(layer, jnp.asarray(above))[0], np.float64)
+    # 4 ulps of y, plus 4 more in float64 for jax's erfc (see check_round_trip_from_y).
+    ulps = 4 if dtype == np.float32 else 8
+    tol = ulps * ulp(np.maximum(1.0, np.abs(y)), dtype)
+    inside = (y_below - tol <= y) & (y <= y_above + tol)
+    assert np.all(inside), (y[~inside][:5], x_hat[~inside][:5])
+
+
 def check_tail_pass_in_small_chunks(monkeypatch, dtype):
     """The tail pass gathers its elements in chunks and writes over the bulk's.
 

@@ -64,25 +64,7 @@ def check_inverse_round_trip(params, dtype, seed):
     if _robust.in_foundation_envelope(params, dtype):
         _checks.check_round_trip_from_y(params, dtype, y)
     else:
-        # Converged means: y lies between T four ulps either side of the
-        # returned root. (The foundation bound's 2·f'·ulp(x) takes T' at the
-        # root; next to a component only a few ulps wide T' changes by orders
-        # of magnitude within an ulp, and the solver's own x-resolution
-        # criterion stops up to ~4 ulps out, measured; a component narrower
-        # than an ulp makes T jump.)
-        x_hat = np.asarray(_checks.inverse(layer, jnp.asarray(y))[0])
-        assert np.all(np.isfinite(x_hat))
-        below, above = x_hat, x_hat
-        for _ in range(4):
-            below = np.nextafter(below, -np.inf, dtype=dtype)
-            above = np.nextafter(above, np.inf, dtype=dtype)
-        y_below = np.asarray(_checks.forward(layer, jnp.asarray(below))[0], np.float64)
-        y_above = np.asarray(_checks.forward(layer, jnp.asarray(above))[0], np.float64)
-        # 4 ulps of y, plus 4 more in float64 for jax's erfc (see _checks).
-        ulps = 4 if dtype == np.float32 else 8
-        tol = ulps * _checks.ulp(np.maximum(1.0, np.abs(y)), dtype)
-        inside = (y_below - tol <= y) & (y <= y_above + tol)
-        assert np.all(inside), (y[~inside][:5], x_hat[~inside][:5])
+        _checks.check_converged_within_four_ulps(layer, y, dtype)
     # The inverse's log-det is minus the forward's at the root.
     x_hat, inverse_log_det = _checks.inverse(layer, jnp.asarray(y, dtype))
     _, forward_log_det = _checks.forward(layer, x_hat)

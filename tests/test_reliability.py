@@ -296,6 +296,20 @@ def test_extreme_parameters_forward_monotone_and_inverse_converges(case):
     _checks.check_round_trip_from_y(params, DTYPE, latent)
 
 
+def test_inverse_converges_next_to_a_component_a_few_ulps_wide():
+    # Found by the thorough fuzz: half the mass in a component 4.7 ulps of x
+    # wide (σ = e^-13.69 at μ = 3.49), the other half e^7 σ below it. At
+    # y = 1e-3 the root lies 15 ulps below μ, in that component's tail, where
+    # T' grows e-fold per ulp; the stopping rule linearised T across one
+    # x-resolution step there and returned x 4.5 ulps from the root.
+    m = 3.490342957461841
+    params = ([-1e4, -1e4, 0.0, 0.0], [0.0, 0.0, -m, m], [1.0, 1.0, 0.0, -13.6875])
+    layer = _checks.make_bijector(*params, DTYPE)
+    # Latents from one side of the narrow component to the other.
+    y = np.concatenate([[1e-3], np.linspace(-0.6, 0.6, N - 1)]).astype(DTYPE)
+    _checks.check_converged_within_four_ulps(layer, y, DTYPE)
+
+
 # "means spread over 1e6" puts points between two components 1e6 apart
 # (x ≈ -4.96e5, y ≈ -0.67 on the plateau F = 1/4, log f ≈ -7.6e6), where the
 # forward's log-weight tangent once came out NaN.
