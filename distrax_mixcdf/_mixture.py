@@ -242,26 +242,32 @@ def _tail_pass(x, params, upper_side):
     The log-det is ``log f - log φ(y) = log(f/S) + log R(|y|)``: the hazard
     ``f/S = Σ_k π_k e^{d_k}`` with ``π = softmax(log w + log Q(u))`` and
     ``d_k = -log σ_k - log R(u_k)`` involves no ``O(y²)`` cancellation.
+
+    ``params`` are gathered per element (``[n, K]``). The components are an
+    array axis here, not unrolled like the bulk's loops: this pass runs on the
+    few tail elements only, and one copy of its long log-space code per
+    component was most of the forward's compile time. Measured, float32: the
+    forward compiles in 1.0 s instead of 1.4 s at K = 8 and 3.3 s instead of
+    8.6 s at K = 64 (the inverse 1.3 vs 1.6 s, 5.0 vs 10.9 s); a 1e6 batch
+    with 1000 far-tail elements takes the same time (18 ms), one with every
+    element in the far tail 69 ms instead of 45.
     """
+    # Components on the leading axis: the sums and maxima over them are then
+    # elementwise vector operations (on the last axis 119 ms above, not 69).
+    log_weights, means, log_scales = (jnp.moveaxis(p, -1, 0) for p in params)
     sign = jnp.where(upper_side, 1.0, -1.0).astype(x.dtype)
-    log_masses, log_hazards = [], []
-    for log_weight, mean, log_scale in _components(params):
-        u = sign * (x - mean) * jnp.exp(-log_scale)
-        log_q, log_mills = _log_survival_and_log_mills(u)
-        log_masses.append(log_weight + log_q)
-        log_hazards.append(-log_scale - log_mills)
-    max_log_mass = _max_of(log_masses)
-    mass_sum = jnp.zeros((), x.dtype)
-    for log_mass in log_masses:
-        mass_sum = mass_sum + jnp.exp(log_mass - max_log_mass)
+    u = sign * (x - means) * jnp.exp(-log_scales)
+    log_q, log_mills = _log_survival_and_log_mills(u)
+    log_masses = log_weights + log_q
+    max_log_mass = _max_over_components(log_masses)
+    mass_sum = jnp.sum(jnp.exp(log_masses - max_log_mass), axis=0)
     # The hazard sum in log space too: where the tail's dominant component lies
     # far on its other side (x between far-apart components), its hazard
     # e^{-log R(u)} underflows while log f is an ordinary large negative number.
-    log_hazard_terms = [m - max_log_mass + h for m, h in zip(log_masses, log_hazards)]
-    max_log_hazard = _max_of(log_hazard_terms)
-    hazard_sum = jnp.zeros((), x.dtype)
-    for term in log_hazard_terms:
-        hazard_sum = hazard_sum + jnp.exp(term - max_log_hazard)
+    log_hazards = -log_scales - log_mills
+    log_hazard_terms = (log_masses - max_log_mass) + log_hazards
+    max_log_hazard = _max_over_components(log_hazard_terms)
+    hazard_sum = jnp.sum(jnp.exp(log_hazard_terms - max_log_hazard), axis=0)
     log_tail = max_log_mass + jnp.log(mass_sum)
     magnitude = -ndtri_exp(log_tail)
     y = sign * magnitude
@@ -272,6 +278,12 @@ def _tail_pass(x, params, upper_side):
         + log_mills_ratio(magnitude)
     )
     return y, log_det
+
+
+def _max_over_components(terms):
+    """`_max_of` for terms stacked on the leading axis."""
+    largest = jnp.max(terms, axis=0)
+    return jnp.where(jnp.isfinite(largest), largest, 0.0)
 
 
 def _gather_batch(values, flat_index, batch_shape, trailing):

@@ -2,7 +2,8 @@
 
 `jax_enable_x64` is process-wide; toggling it inside this process leaked into
 the float32 tests and, measured here, aborted XLA compiles. The child process
-starts with JAX_ENABLE_X64=1 and its full report is printed on failure.
+starts with JAX_ENABLE_X64=1, runs its tests in one process, and its full
+report is printed on failure.
 """
 
 import os
@@ -24,6 +25,12 @@ def test_float64_suite_passes_in_its_own_process():
             "-q",
             "-p",
             "no:cacheprovider",
+            # One process: its tests then share every compiled float64 map
+            # (compilation is most of their time), and the parent's other
+            # worker keeps the second core busy meanwhile. Two workers here
+            # made three processes on two cores and compiled everything twice.
+            "-n",
+            "0",
             str(HERE / "float64"),
         ],
         capture_output=True,
