@@ -29,9 +29,12 @@ What you may change: thresholds and kernel layout, as long as the tests in
 `tests/test_mixture_cdf.py` / `tests/float64/` and the benchmark stay green;
 each single-output-fusion choice here was measured (see the comments).
 
-The component loop is a Python loop over the static ``K``: XLA fully unrolls it
-into one fused elementwise kernel, which measured much faster on CPU than a
-reduction over a small minor axis (``shared/reference/numerics.md``).
+The bulk's component loops are Python loops over the static ``K``: XLA fully
+unrolls them into one fused elementwise kernel, which measured much faster on
+CPU than a reduction over a small minor axis (``shared/reference/numerics.md``).
+The tail pass instead keeps the components as a leading array axis: it runs
+on few elements, and unrolled copies of its long log-space code were most of
+the forward's compile time.
 """
 
 from __future__ import annotations
