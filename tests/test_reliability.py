@@ -298,10 +298,10 @@ def test_extreme_parameters_forward_monotone_and_inverse_converges(case):
 
 def test_inverse_converges_next_to_a_component_a_few_ulps_wide():
     # Found by the thorough fuzz: half the mass in a component 4.7 ulps of x
-    # wide (σ = e^-13.69 at μ = 3.49), the other half e^7 σ below it. At
-    # y = 1e-3 the root lies 15 ulps below μ, in that component's tail, where
-    # T' grows e-fold per ulp; the stopping rule linearised T across one
-    # x-resolution step there and returned x 4.5 ulps from the root.
+    # wide (σ = e^-13.69 at μ = 3.49), the other half (σ = 1) 6.98 below it.
+    # At y = 1e-3 the root lies 15 ulps below μ, in that component's tail,
+    # where T' grows e-fold every 1.5 ulps; the stopping rule linearised T
+    # across one x-resolution step there and returned x 4.5 ulps from the root.
     m = 3.490342957461841
     params = ([-1e4, -1e4, 0.0, 0.0], [0.0, 0.0, -m, m], [1.0, 1.0, 0.0, -13.6875])
     layer = _checks.make_bijector(*params, DTYPE)
