@@ -176,12 +176,17 @@ def _log_density_terms(x, params):
     return terms
 
 
+def _finite_shift(largest):
+    """The largest term as a shift; 0 where it is not finite (all -inf at x = ±inf)."""
+    return jnp.where(jnp.isfinite(largest), largest, 0.0)
+
+
 def _max_of(terms):
+    """Elementwise maximum of a list of per-component terms, as a shift."""
     largest = terms[0]
     for term in terms[1:]:
         largest = jnp.maximum(largest, term)
-    # Guard the all -inf case (x = ±inf) so shifts stay finite.
-    return jnp.where(jnp.isfinite(largest), largest, 0.0)
+    return _finite_shift(largest)
 
 
 def _log_density(x, params):
@@ -285,8 +290,7 @@ def _tail_pass(x, params, upper_side):
 
 def _max_over_components(terms):
     """`_max_of` for terms stacked on the leading axis."""
-    largest = jnp.max(terms, axis=0)
-    return jnp.where(jnp.isfinite(largest), largest, 0.0)
+    return _finite_shift(jnp.max(terms, axis=0))
 
 
 def _gather_batch(values, flat_index, batch_shape, trailing):
