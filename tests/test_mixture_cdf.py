@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -443,34 +444,74 @@ def test_chunked_maps_and_gradients_match_one_piece(case, irregular_rows, monkey
             np.testing.assert_allclose(got, want, atol=2e-4 * scale)
 
 
-def test_tangent_coefficients_do_not_depend_on_the_callers_shift():
-    """ρ and the curvature are exact whatever ``log_det`` the caller passes.
+def test_tangent_coefficients_match_a_float64_reference():
+    """ρ, the curvature and ``s W`` against scipy in float64, also where f underflows.
 
-    The rule shifts the components by ``log_det - y²/2`` (≈ log f) and divides
-    by their sum, so a slightly off shift changes nothing; a shift off by more
-    than e^46 must be recomputed exactly (±100 would overflow or underflow the
-    float32 terms). ``W`` per unit ``f`` follows from the same shift.
+    Two narrow components 60 apart: at x between them every float32 term
+    ``w_k φ(z_k)/σ_k`` underflows (e^-900), so the coefficients are exact only
+    if the components are shifted by their largest log term. ``W`` per unit
+    ``f`` is compared where it fits the float32 range (1/f itself overflows
+    there and is capped); ``W`` per unit ``φ(y)`` (the forward's) in the bulk.
     """
-    logits = jnp.asarray([0.3, -0.5, 0.1], DTYPE)
-    params = (
-        jax.nn.log_softmax(logits),
-        jnp.asarray([-1.5, 0.2, 2.0], DTYPE),
-        jnp.asarray([-0.4, 0.3, -1.0], DTYPE),
-    )
-    x = jnp.linspace(-4.0, 4.0, 64, dtype=DTYPE)
-    y, log_det = _mixture.forward_and_log_det(x, params)
-    mixture = _mixture._mixture_arrays(params)
+    cases = [
+        (
+            [0.3, -0.5, 0.1],
+            [-1.5, 0.2, 2.0],
+            [-0.4, 0.3, -1.0],
+            np.linspace(-6.0, 6.0, 49),
+        ),
+        ([0.0, 0.0], [-30.0, 30.0], [0.0, 0.0], np.linspace(-40.0, 40.0, 41)),
+    ]
     coefficients = jax.jit(_mixture.tangent_coefficients, static_argnums=4)
-    want = coefficients(x, mixture, y, log_det, "density")
-    assert np.allclose(np.sum(want.density_resp, -1), 1.0, atol=1e-6)
-    for offset in (1e-3, 5.0, 100.0, -100.0):
-        got = coefficients(x, mixture, y, log_det + offset, "density")
-        np.testing.assert_allclose(
-            got.density_resp, want.density_resp, rtol=2e-5, atol=1e-7
+    for logits, means, log_scales, x in cases:
+        params = _checks.as_used(
+            (np.asarray(logits), np.asarray(means), np.asarray(log_scales)), DTYPE
         )
-        np.testing.assert_allclose(got.curvature, want.curvature, rtol=2e-5, atol=1e-5)
+        log_weights = jax.nn.log_softmax(jnp.asarray(params[0], DTYPE))
+        used = (log_weights, jnp.asarray(params[1]), jnp.asarray(params[2]))
+        x = np.asarray(x, DTYPE)
+        y, log_det = _mixture.forward_and_log_det(jnp.asarray(x), used)
+        mixture = _mixture._mixture_arrays(used)
+        got = coefficients(jnp.asarray(x), mixture, y, log_det, "density")
+
+        lw, mu, ls = (np.asarray(p, np.float64) for p in used)
+        x64 = x.astype(np.float64)[:, None]
+        z = (x64 - mu) * np.exp(-ls)
+        terms = lw - ls - 0.5 * z**2
+        log_norm = scipy.special.logsumexp(terms, axis=-1, keepdims=True)
+        sign = np.where(np.asarray(y) > 0, 1.0, -1.0)[:, None]
+        rho = np.exp(terms - log_norm)
+        curvature = np.sum(rho * z * np.exp(-ls), axis=-1)
+        # log(w_k Q(s z_k) / f) with log f = log_norm - log sqrt(2 pi).
+        log_w = lw + scipy.special.log_ndtr(-sign * z) - log_norm
+        signed_w = sign * np.exp(log_w + 0.5 * np.log(2 * np.pi))
+
+        assert np.all(np.isfinite(np.asarray(got.density_resp)))
+        np.testing.assert_allclose(got.density_resp, rho, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(
-            got.signed_tail_weights, want.signed_tail_weights, rtol=2e-5, atol=1e-7
+            got.curvature, curvature, rtol=1e-5, atol=1e-5 * np.max(np.abs(curvature))
+        )
+        fits = np.abs(signed_w) < 1e15
+        assert fits.mean() > 0.5
+        np.testing.assert_allclose(
+            np.asarray(got.signed_tail_weights)[fits],
+            signed_w[fits],
+            rtol=1e-5,
+            atol=1e-7,
+        )
+        bulk = np.abs(np.asarray(y)) < 5.0
+        latent = coefficients(jnp.asarray(x), mixture, y, log_det, "latent")
+        # Per unit φ(y): times f/φ(y).
+        log_phi = -0.5 * np.asarray(y, np.float64) ** 2 - 0.5 * np.log(2 * np.pi)
+        per_latent = (
+            signed_w
+            * np.exp(log_norm[:, 0] - 0.5 * np.log(2 * np.pi) - log_phi)[:, None]
+        )
+        np.testing.assert_allclose(
+            np.asarray(latent.signed_tail_weights)[bulk],
+            per_latent[bulk],
+            rtol=2e-5,
+            atol=1e-7,
         )
 
 

@@ -310,6 +310,21 @@ def test_inverse_converges_next_to_a_component_a_few_ulps_wide():
     _checks.check_converged_within_four_ulps(layer, y, DTYPE)
 
 
+def test_inverse_residual_at_y_zero_where_the_bulk_switches_sides():
+    # Found by the thorough fuzz: 97.5% of the mass in N(0, 1), the rest in
+    # three unit components at 0, 1 and 0.6875. The bulk took the smaller of
+    # its two rounded tail sums, whose total missed 1 by a few ulps of 1/2, so
+    # y jumped from -3.0e-7 to +2.2e-7 where the side switches (y = 0), and
+    # the last Newton step, from a residual that noisy, landed at T = 5.2e-7,
+    # over the residual bound 4.8e-7. Near the switch the tail now comes from
+    # the difference of the sums, the same on both sides.
+    params = ([0.0, 4.75, 0.0, 0.0], [0.0, 0.0, 1.0, 0.6875], [0.0, 0.0, 0.0, 0.0])
+    latent = np.concatenate([[0.0, 1e-3, -1e-3], np.linspace(-1.2, 1.2, N - 3)]).astype(
+        DTYPE
+    )
+    _checks.check_round_trip_from_y(params, DTYPE, latent)
+
+
 # "means spread over 1e6" puts points between two components 1e6 apart
 # (x ≈ -4.96e5, y ≈ -0.67 on the plateau F = 1/4, log f ≈ -7.6e6), where the
 # forward's log-weight tangent once came out NaN.
