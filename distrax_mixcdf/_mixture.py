@@ -182,11 +182,17 @@ def _bulk_y(x, params):
     return _latent_from_signed_tail(signed_tail)
 
 
-def _log_density_terms(x, params):
-    """Per-component ``log w_k - log σ_k - z_k²/2`` (the density up to 1/√(2π))."""
+def _log_density_terms(x, params, inv_scales=None):
+    """Per-component ``log w_k - log σ_k - z_k²/2`` (the density up to 1/√(2π)).
+
+    ``inv_scales`` (``[..., K]``), when given, supplies ``1/σ_k`` formed
+    outside a loop body, so that the body does not form each ``exp(-log σ_k)``
+    as a kernel of its own.
+    """
     terms = []
-    for log_weight, mean, log_scale in _components(params):
-        z = (x - mean) * jnp.exp(-log_scale)
+    for k, (log_weight, mean, log_scale) in enumerate(_components(params)):
+        inv_scale = jnp.exp(-log_scale) if inv_scales is None else inv_scales[..., k]
+        z = (x - mean) * inv_scale
         terms.append(log_weight - log_scale - 0.5 * jnp.square(z))
     return terms
 
@@ -545,20 +551,6 @@ def _standardized_and_responsibilities(x, mixture: _Mixture, log_norm):
     return z, terms
 
 
-def _largest_log_term(x, mixture: _Mixture):
-    """``max_k (log w_k - log σ_k - z_k²/2)``: the exact shift of `_shifted_terms`."""
-    largest = None
-    for k in range(mixture.log_weights.shape[-1]):
-        z = (x - mixture.means[..., k]) * mixture.inv_scales[..., k]
-        term = (
-            mixture.log_weights[..., k]
-            - mixture.log_scales[..., k]
-            - 0.5 * jnp.square(z)
-        )
-        largest = term if largest is None else jnp.maximum(largest, term)
-    return _finite_shift(largest)
-
-
 def _shifted_terms(x, mixture: _Mixture, shift):
     """``e_k = w_k e^{-z_k²/2}/σ_k / e^{shift}`` (``[..., K]``) and their sum.
 
@@ -598,7 +590,7 @@ def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoeffi
 
     * The components are shifted by their largest log term, ``max_k t_k``,
       computed first by one flat loop over the components (quadratics and
-      maxima, no `exp`, one ``[...]`` kernel; `_largest_log_term`). Then
+      maxima, no `exp`, one ``[...]`` kernel; `_log_density_terms`). Then
       ``e_k = e^{t_k - shift}`` is one vectorised ``[..., K]`` kernel with
       ``1 ≤ Σe ≤ K`` whatever ``x`` (the largest term is ``e^0``), so
       ``ρ = e/Σe`` and ``log f`` are exact without any test, between
@@ -633,7 +625,9 @@ def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoeffi
     x, y, log_det = (jnp.broadcast_to(v, shape) for v in (x, y, log_det))
     # A numerical device only: ρ and log f = shift + log Σe do not depend on
     # it, so derivatives of any order need not flow through the max.
-    shift = lax.stop_gradient(_largest_log_term(x, mixture))
+    shift = lax.stop_gradient(
+        _max_of(_log_density_terms(x, mixture.params, mixture.inv_scales))
+    )
     shifted, total = _shifted_terms(x, mixture, shift)
     sign = jnp.where(y > 0, 1.0, -1.0).astype(x.dtype)
     density_resp = shifted * (1.0 / total)[..., None]
