@@ -130,13 +130,16 @@ def _bulk_signed_tail(x, params):
     # residual budget; found by the thorough fuzz). Near the switch the
     # smaller tail is taken from the difference instead, 1/2 - |upper - lower|/2,
     # which is the same on both sides there and monotone in x (a decreasing
-    # sum minus an increasing one); it blends linearly into the side's own sum
-    # over |upper - lower| in [1/2, 3/4], so the tails keep their relative
-    # accuracy.
+    # sum minus an increasing one). It carries the larger sum's coarser
+    # rounding, so it is used only in a narrow band around the switch
+    # (|upper - lower| ≤ 0.05, |y| ≤ 0.063) and blends linearly into the
+    # smaller sum by |upper - lower| = 0.1 (|y| = 0.126); a band out to
+    # |upper - lower| = 3/4 doubled the largest step back of y between
+    # neighbouring floats on one fuzz mixture (3 → 6 ulps).
     difference = upper - lower
     smaller = jnp.minimum(lower, upper)
     central = 0.5 - 0.5 * jnp.abs(difference)
-    blend = jnp.clip((0.75 - jnp.abs(difference)) * 4.0, 0.0, 1.0)
+    blend = jnp.clip((0.1 - jnp.abs(difference)) * 20.0, 0.0, 1.0)
     tail = smaller + blend * (central - smaller)
     # A tail that underflowed to 0 must keep its side's sign: clamp it to the
     # smallest normal number (far below the bulk's threshold anyway).
