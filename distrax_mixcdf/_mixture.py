@@ -615,7 +615,8 @@ def tangent_coefficients(x, mixture: _Mixture, y, log_det, per) -> TangentCoeffi
       mixture: The per-component arrays (`_mixture_arrays`), log weights
         normalised.
       y: ``T(x)`` (the forward's output, or the inverse's input at its root).
-      log_det: ``log T'(x)``.
+      log_det: ``log T'(x)``; read only for ``per="latent"`` (the shift
+        comes from ``x`` itself).
       per: ``"density"`` or ``"latent"`` (see above).
 
     Returns:

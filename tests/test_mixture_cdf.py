@@ -447,8 +447,8 @@ def test_chunked_maps_and_gradients_match_one_piece(case, irregular_rows, monkey
 def test_tangent_coefficients_match_a_float64_reference():
     """ρ, the curvature and ``s W`` against scipy in float64, also where f underflows.
 
-    Two narrow components 60 apart: at x between them every float32 term
-    ``w_k φ(z_k)/σ_k`` underflows (e^-900), so the coefficients are exact only
+    Two unit components 60 apart: midway between them every float32 term
+    ``w_k φ(z_k)/σ_k`` underflows (e^-450), so the coefficients are exact only
     if the components are shifted by their largest log term. ``W`` per unit
     ``f`` is compared where it fits the float32 range (1/f itself overflows
     there and is capped); ``W`` per unit ``φ(y)`` (the forward's) in the bulk.
