@@ -6,14 +6,15 @@ class (`mixture_cdf.py`) and the root finder (`_root_finding.py`) compose these.
 
 The forward runs in two passes:
 
-* **bulk** (always): sums the component probabilities in linear space, on the
-  side of the smaller tail (near the side switch at y = 0, from the
-  difference of the two sums, so ``y`` does not jump there), and applies
-  `ndtri` once plus one Halley step
-  started from a fixed grid point (so ``y`` stays monotone in ``x`` at the ulp
-  level). In float32 this keeps ``y`` at ~1 ulp, where a pure log-space sum
-  rounds at ``ulp(log w)``.
-* **tail** (only for elements whose smaller tail mass is below 1e-20 in float32
+* **bulk** (always): sums the component probabilities (`survival`, one per
+  component) in linear space, on the side of the smaller tail (near the side
+  switch at y = 0, from the difference of the two sums, so ``y`` does not
+  jump there), and inverts the sum on cells of ``|y|`` located by `ndtri`.
+  In float32 this keeps ``y`` at ~1 ulp, where a pure log-space sum rounds at
+  ``ulp(log w)``. Every rounded operation is monotone in ``x``, so ``y`` never
+  steps back between neighbouring floats (`_bulk_signed_tail`,
+  `_magnitude_from_tail`).
+* **tail** (only for elements whose smaller tail mass is below 1e-28 in float32
   or 1e-250 in float64, and only when the batch has any): the same map in log
   space with Mills ratios, exact out to ``|x - μ| = 1e4·σ`` and beyond. A
   batch-level ``lax.cond`` skips it; otherwise it runs on the flagged elements
@@ -48,7 +49,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.special import erfc, ndtri
+from jax.scipy.special import ndtri
 
 from distrax_mixcdf._chunks import chunk_layout, has_rows, map_row_chunks
 from distrax_mixcdf._gaussian import (
@@ -57,6 +58,7 @@ from distrax_mixcdf._gaussian import (
     log_mills_ratio,
     mills_ratio,
     ndtri_exp,
+    survival,
 )
 from distrax_mixcdf._irregular import saturation_threshold, tail_components
 
@@ -71,18 +73,26 @@ __all__ = [
     "tangents_at",
 ]
 
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
 
 
 def _smallest_bulk_tail(dtype) -> float:
     """Smallest tail mass the linear-space bulk pass resolves exactly.
 
-    float32: `erfc` keeps ~4e-6 relative accuracy down to 1e-36 and `ndtri` is
-    accurate to 1e-37, but we stop at 1e-20 to stay far from denormals.
+    float32: `survival` is within an ulp down to 1.8e-33 and within 1.2e-38
+    absolute below that (products under the smallest normal number flush to
+    zero), which moves a sum of at least 1e-28 by under 1e-8 relative even at
+    K = 64; `ndtri` is accurate to 1e-37.
     float64: both are accurate to well below 1e-250.
+
+    It was 1e-20 in float32 when the bulk summed jax's `erfc`. With the bulk
+    monotone by construction, the lower threshold also keeps more of the map
+    out of the log-space pass, whose inversion (before `ndtri_exp` got its
+    monotone last step) stepped back by an ulp in 88 of 80000 neighbouring
+    pairs at |y| = 9.3.
     """
-    return 1e-250 if jnp.dtype(dtype) == jnp.float64 else 1e-20
+    return 1e-250 if jnp.dtype(dtype) == jnp.float64 else 1e-28
 
 
 # The bulk pass marks the elements whose tail mass underflows with this finite
@@ -110,41 +120,105 @@ def _components(params: tuple[jax.Array, jax.Array, jax.Array]):
         yield log_weights[..., k], means[..., k], log_scales[..., k]
 
 
+# Around the side switch at y = 0 the smaller tail is taken from the
+# difference of the two sums, ``1/2 - |upper - lower|/2``, which is the same on
+# both sides there. Elsewhere it is the smaller sum, which resolves small tails
+# to an ulp. The two are joined by a clip, not a blend: the difference-based
+# value is kept only within ``slack = (smaller - 7/16)/32`` of the smaller sum
+# (zero slack below a tail of 7/16, |y| ≥ 0.157; 0.002 at y = 0, three orders
+# above the sums' rounding). Every operation is then monotone in x: the clip's
+# bounds ``smaller ∓ slack`` are exact to one rounding (``smaller - 7/16`` is
+# exact by Sterbenz, the factor is a power of two), and a clip of a monotone
+# value between monotone bounds is monotone. A linear blend was not: it scaled
+# the sums' rounding noise by a weight that moves with x, and y stepped back
+# by up to 6 ulps between neighbouring floats.
+_CENTRAL_TAIL_START = 7.0 / 16.0
+_CENTRAL_SLACK_PER_TAIL = 1.0 / 32.0
+
+
 def _bulk_signed_tail(x, params):
     """The smaller tail mass ``min(F, 1-F)``, signed: negative on the lower side.
 
-    Linear-space sums, one `erfc` per component, which gives both tails exactly
-    (the smaller of Φ(z) and Q(z) is computed directly, the other as 1 minus it).
+    Linear-space sums of one monotone `survival` per component, which gives
+    both tails exactly (the smaller of Φ(z) and Q(z) is computed directly, the
+    other as 1 minus it). Non-decreasing (lower side) / non-increasing (upper
+    side) in x between every pair of neighbouring floats.
     """
     lower = upper = jnp.zeros((), x.dtype)
     for log_weight, mean, log_scale in _components(params):
         weight = jnp.exp(log_weight)
         z = (x - mean) * jnp.exp(-log_scale)
-        smaller_tail = 0.5 * erfc(jnp.abs(z) * _INV_SQRT_2)
+        smaller_tail = survival(jnp.abs(z))
         left = z < 0
         lower = lower + weight * jnp.where(left, smaller_tail, 1.0 - smaller_tail)
         upper = upper + weight * jnp.where(left, 1.0 - smaller_tail, smaller_tail)
-    # Both sums are rounded, so `lower + upper` misses 1 by a few ulps of 1/2,
-    # and taking the smaller one made y jump by that much where the side
-    # switches (at y = 0: 5e-7 in float32, more than the inverse's 4-ulp
-    # residual budget; found by the thorough fuzz). Near the switch the
-    # smaller tail is taken from the difference instead, 1/2 - |upper - lower|/2,
-    # which is the same on both sides there and monotone in x (a decreasing
-    # sum minus an increasing one). It carries the larger sum's coarser
-    # rounding, so it is used only in a narrow band around the switch
-    # (|upper - lower| ≤ 0.05, |y| ≤ 0.063) and blends linearly into the
-    # smaller sum by |upper - lower| = 0.1 (|y| = 0.126); a band out to
-    # |upper - lower| = 3/4 doubled the largest step back of y between
-    # neighbouring floats on one fuzz mixture (3 → 6 ulps).
     difference = upper - lower
     smaller = jnp.minimum(lower, upper)
     central = 0.5 - 0.5 * jnp.abs(difference)
-    blend = jnp.clip((0.1 - jnp.abs(difference)) * 20.0, 0.0, 1.0)
-    tail = smaller + blend * (central - smaller)
+    slack = _CENTRAL_SLACK_PER_TAIL * jnp.maximum(smaller - _CENTRAL_TAIL_START, 0.0)
+    # The last minimum only matters if the sums' rounding exceeded the slack:
+    # a tail above 1/2 would put y on the wrong side of 0.
+    tail = jnp.minimum(jnp.clip(central, smaller - slack, smaller + slack), 0.5)
     # A tail that underflowed to 0 must keep its side's sign: clamp it to the
     # smallest normal number (far below the bulk's threshold anyway).
     tail = jnp.maximum(tail, jnp.finfo(x.dtype).tiny)
     return jnp.where(difference < 0, tail, -tail)
+
+
+def _anchor_grid(dtype) -> float:
+    """Cells per unit of ``|y|`` in `_magnitude_from_tail` (a power of two)."""
+    return 2.0**20 if jnp.dtype(dtype) == jnp.float64 else 2.0**12
+
+
+def _offset_in_cell(tail, edge, cell_width):
+    """Distance from ``edge`` to ``Q⁻¹(tail)``, clipped to ``[0, cell_width]``.
+
+    With ``s = (Q(a) - tail)/φ(a)`` and ``Q(a + e) = Q(a) - φ(a)(e - a e²/2 +
+    (a² - 1) e³/6 - ...)``, the inverse series is
+    ``e = s + a s²/2 + (2a² + 1) s³/6``: for ``s ≥ 0`` every term, and every
+    rounded operation, is non-decreasing in ``s``, so the result is
+    non-increasing in ``tail``.
+    """
+    # 1/φ(a) as an exp, not a division: a division with several users is
+    # materialised by XLA's CPU backend as a kernel of its own (measured
+    # 13 ms instead of 5 ms for this function at 1e6 float32 elements).
+    inverse_density = jnp.exp(0.5 * jnp.square(edge)) * _SQRT_2PI
+    s = (survival(edge) - tail) * inverse_density
+    cubic = (2.0 * jnp.square(edge) + 1.0) / 6.0
+    offset = s + jnp.square(s) * (0.5 * edge + s * cubic)
+    return jnp.clip(offset, 0.0, cell_width)
+
+
+def _magnitude_from_tail(tail):
+    """``m ≥ 0`` with ``Q(m) = tail`` for ``0 < tail ≤ 1/2``, monotone in ``tail``.
+
+    float32 `ndtri` alone is off by up to 3 ulps (2e-7 relative, measured),
+    which the inverse's 4-ulp residual budget cannot absorb, and it is not
+    monotone between neighbouring inputs (it steps back for ~0.4% of them
+    below 0.1). So `ndtri` only locates ``m`` on a grid of cells
+    ``[a_j, a_j + h)``, ``a_j = j·h`` (``h = 2^-12`` in float32, ``2^-20`` in
+    float64), to within a quarter cell; ``m`` then lies in cell ``j`` or
+    ``j + 1`` with ``j = ⌊m_guess/h - 1/2⌋``, and
+
+        m = (a_j + d_j) + d_{j+1},   d_i = clip(Q⁻¹(tail) - a_i, 0, h)
+
+    with each ``d_i`` from a third-order series on ``Q`` about ``a_i``
+    (`_offset_in_cell`). If ``m`` is in cell ``j``, ``d_{j+1} = 0``; if in
+    cell ``j + 1``, ``d_j = h`` and ``a_j + h = a_{j+1}`` exactly. So the value
+    does not depend on which ``j`` the guess picked, and for a fixed ``j`` it is
+    a sum of rounded terms each non-increasing in ``tail``: ``m`` is monotone
+    in ``tail`` between every pair of neighbouring floats. The series is
+    exact to well below an ulp within a cell.
+    """
+    cell_width = 1.0 / _anchor_grid(tail.dtype)
+    # `ndtri` is good to ~1e-6 of m in float32 (the cell is 2.4e-4 wide) and
+    # to ~1e-15 in float64 (the cell is 9.5e-7 wide).
+    guess = -ndtri(tail)
+    cell = jnp.maximum(jnp.floor(guess * _anchor_grid(tail.dtype) - 0.5), 0.0)
+    edge = cell * cell_width
+    first = _offset_in_cell(tail, edge, cell_width)
+    second = _offset_in_cell(tail, edge + cell_width, cell_width)
+    return (edge + first) + second
 
 
 def _latent_from_signed_tail(signed_tail):
@@ -153,22 +227,7 @@ def _latent_from_signed_tail(signed_tail):
     in_tail = tail < _smallest_bulk_tail(tail.dtype)
     # Double-where: `ndtri` only ever sees a probability where it is finite.
     safe_tail = jnp.where(in_tail, 0.25, tail)
-    # float32 `ndtri` alone is off by up to 3 ulps (2e-7 relative, measured),
-    # which the inverse's 4-ulp residual budget cannot absorb, so y is refined
-    # by one Halley step on Q(m) = tail. The step starts from `ndtri`'s value
-    # snapped to a grid of 2^-12 (float32) or 2^-20 (float64), not from the
-    # value itself: with the start fixed, the result is a monotone function of
-    # `tail` (every rounded operation is), so y cannot step back by an ulp
-    # between neighbouring inputs on a plateau of the map, as it did when the
-    # start moved with `tail`; only across grid lines can the start change.
-    # From within half a grid step a Halley step is exact to well below an ulp.
-    grid = 2.0**12 if tail.dtype == jnp.float32 else 2.0**20
-    anchor = jnp.round(-ndtri(safe_tail) * grid) / grid
-    density_at_anchor = jnp.exp(-0.5 * jnp.square(anchor)) * _INV_SQRT_2PI
-    step = (0.5 * erfc(anchor * _INV_SQRT_2) - safe_tail) / density_at_anchor
-    # Q(a + e) = Q(a) - φ(a)(e - a e²/2 + ...), so e = step + a·step²/2.
-    magnitude = anchor + (step + 0.5 * anchor * jnp.square(step))
-    magnitude = jnp.where(in_tail, _Y_SENTINEL, magnitude)
+    magnitude = jnp.where(in_tail, _Y_SENTINEL, _magnitude_from_tail(safe_tail))
     # NaN stays NaN: only a strictly positive signed tail is the upper side.
     return jnp.where(
         signed_tail > 0, magnitude, jnp.where(signed_tail <= 0, -magnitude, signed_tail)
@@ -301,7 +360,13 @@ def _tail_pass(x, params, upper_side):
     max_log_hazard = _max_over_components(log_hazard_terms)
     hazard_sum = jnp.sum(jnp.exp(log_hazard_terms - max_log_hazard), axis=0)
     log_tail = max_log_mass + jnp.log(mass_sum)
-    magnitude = -ndtri_exp(log_tail)
+    # Every element here has a bulk tail sum below the threshold, so its y lies
+    # beyond the bulk's largest |y|; the floor keeps y monotone across the
+    # switch even where the two passes' roundings disagree.
+    largest_bulk = _magnitude_from_tail(
+        jnp.asarray(_smallest_bulk_tail(x.dtype), x.dtype)
+    )
+    magnitude = jnp.maximum(-ndtri_exp(log_tail), largest_bulk)
     y = sign * magnitude
     log_det = (
         max_log_hazard

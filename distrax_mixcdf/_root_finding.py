@@ -447,7 +447,7 @@ def _implicit_inverse_jvp(options, primals, tangents):
     x, log_det = implicit_inverse(y, params, options)
     # No second forward evaluation: at the root T(x) = y and the solver already
     # returned log T'(x), so the tangent relations need only the per-component
-    # responsibilities (one exp and one erfc per component in the bulk).
+    # responsibilities (one exp and one Mills ratio per component).
     x_dot, _, log_det_dot = tangents_at(
         x, y, log_det, params, None, y_dot, params_dot, solve_for="x"
     )

@@ -35,15 +35,13 @@ def check_forward_finite_monotone(params, dtype, seed):
     )
     assert np.all(np.isfinite(y)), x[~np.isfinite(y)][:5]
     assert np.all(np.isfinite(log_det) | (log_det == -np.inf))
-    if not _robust.in_foundation_envelope(params, dtype):
-        # Beyond the foundation's envelope (scale ratios up to 1e12, weights
-        # down to e^-2e4) the bulk's linear-space sums can round y down by one
-        # ulp on a plateau (reported): non-decreasing up to one ulp.
-        dips = -np.diff(y)
-        allowed = _checks.ulp(y[1:], dtype)
-        assert np.all(dips <= allowed), x[np.argmax(dips - allowed)]
-        return
+    # Non-decreasing everywhere, beyond the foundation's envelope too (scale
+    # ratios up to 1e12, weights down to e^-2e4): every rounded operation of
+    # the bulk is monotone in x. (With jax's `erfc` summed there, y stepped
+    # back by up to 3 ulps on such mixtures.)
     assert np.all(np.diff(y) >= 0), x[np.argmin(np.diff(y))]
+    if not _robust.in_foundation_envelope(params, dtype):
+        return
     # Against the mpmath reference at a few points (it is slow).
     pick = np.linspace(0, N - 1, 6).astype(int)
     y_ref, _ = reference.forward(

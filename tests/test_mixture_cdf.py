@@ -68,6 +68,10 @@ def test_forward_is_monotone_on_a_plateau():
     _checks.check_monotone_on_plateau(DTYPE)
 
 
+def test_forward_is_monotone_between_neighbouring_floats():
+    _checks.check_monotone_between_neighbouring_floats(DTYPE)
+
+
 def test_k64_mixture_forward_and_round_trip():
     rng = np.random.default_rng(64)
     params = (rng.normal(size=64), rng.normal(size=64) * 4, rng.uniform(-2, 2, 64))

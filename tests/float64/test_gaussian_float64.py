@@ -24,3 +24,15 @@ def test_tail_functions_propagate_nan_per_element():
 
 def test_mills_ratio_matches_mpmath():
     shared.check_mills_ratio(DTYPE)
+
+
+def test_survival_matches_mpmath():
+    shared.check_survival(DTYPE)
+
+
+def test_survival_is_monotone_between_neighbouring_floats():
+    shared.check_survival_monotone_between_neighbouring_floats(DTYPE)
+
+
+def test_ndtri_exp_is_monotone_between_neighbouring_floats():
+    shared.check_ndtri_exp_monotone_between_neighbouring_floats(DTYPE)

@@ -31,6 +31,10 @@ def test_forward_is_monotone_on_a_plateau():
     _checks.check_monotone_on_plateau(DTYPE)
 
 
+def test_forward_is_monotone_between_neighbouring_floats():
+    _checks.check_monotone_between_neighbouring_floats(DTYPE)
+
+
 @given(_checks.mixtures())
 def test_forward_is_monotone_and_finite_out_to_1e4_sigma(params):
     _checks.check_monotone(params, DTYPE)
