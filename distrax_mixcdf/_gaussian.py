@@ -342,8 +342,8 @@ def survival(u: jax.Array) -> jax.Array:
     arguments for 2–10% of them below 1 (float64: up to 18% near 0.9), and a
     mixture CDF summed from it then steps back. Here every rounded operation
     is monotone in ``u``: ``e`` is exact, the series is ``e - e²·m(e)`` whose
-    correction changes by far less than an ulp of ``e`` per step (``e·a/G`` ≤
-    0.05), the table is constant within a cell, and the clip at ``Q(a + 1/G)``
+    correction changes by far less than an ulp of ``e`` per step
+    (``m ≈ a/2``, so ``e·m ≤ a/(2G) ≤ 0.05``), the table is constant within a cell, and the clip at ``Q(a + 1/G)``
     (the value the next cell starts from exactly) keeps every cell at or above
     the next. Relative error ≤ 1.2e-7 in float32 for ``u ≤ 12`` (beyond,
     ≤ 1.2e-38 absolute, from flushing denormal products to zero) and ≤ 2 eps
