@@ -221,26 +221,51 @@ def _polish_in_cells(u, log_tail):
 
     A Newton step's result moves with its start, so neighbouring ``log_tail``
     values could map to ``u`` one ulp out of order (measured in the mixture's
-    float32 tail pass: 12 of 40000 neighbouring pairs at y = 11.5). Instead,
-    as in the mixture's bulk: cells ``[a_j, a_j + h)``, ``a_j = j·h``
-    (``h = 2^-12`` in float32, ``2^-20`` in float64), ``j = ⌊u/h - 1/2⌋`` from
-    the Newton iterate (good to far better than ``h/4``), and
-
-        u = (a_j + d_j) + d_{j+1},   d_i = clip(root - a_i, 0, h),
-
-    which does not depend on which ``j`` the iterate picked and is a sum of
-    rounded terms each monotone in ``log_tail``.
+    float32 tail pass: 12 of 40000 neighbouring pairs at y = 11.5). Instead
+    the root is found on cells (`_root_on_cells`), located by the Newton
+    iterate ``u`` (good to far better than a quarter cell).
     """
-    grid = 2.0**20 if u.dtype == jnp.float64 else 2.0**12
-    cell_width = 1.0 / grid
-    cell = jnp.maximum(jnp.floor(u * grid - 0.5), 0.0)
-    edge = cell * cell_width
-    # Both cells in one stacked call: one copy of the log-survival code
-    # (two copies added 0.36 s to the forward's compile time; this, 0.2 s).
-    offsets = _log_offset_in_cell(
-        log_tail, jnp.stack([edge, edge + cell_width]), cell_width
-    )
-    return (edge + offsets[0]) + offsets[1]
+
+    def offsets_from_edges(edge, width):
+        # Both edges in one stacked call: one copy of the log-survival code
+        # (two copies added 0.36 s to the forward's compile time; this, 0.2 s).
+        offsets = _log_offset_in_cell(log_tail, jnp.stack([edge, edge + width]), width)
+        return offsets[0], offsets[1]
+
+    return _root_on_cells(u, offsets_from_edges)
+
+
+def _cell_width(dtype) -> float:
+    """Width ``h`` of the cells of `_root_on_cells`: ``2^-12`` / ``2^-20``."""
+    return 2.0**-20 if jnp.dtype(dtype) == jnp.float64 else 2.0**-12
+
+
+def _root_on_cells(guess, offsets_from_edges):
+    """A root ``r ≥ 0`` computed so that it is monotone in the equation's data.
+
+    The roots solved here (``Q(r) = tail``, ``log Q(r) = log_tail``) are
+    monotone in their data, but a rounded iteration's result is not: it
+    moves with its start and can come out one ulp out of order between
+    neighbouring inputs. Instead, with cells ``[a_j, a_j + h)``, ``a_j = j·h``
+    (`_cell_width`) and ``j = ⌊guess/h - 1/2⌋`` from a guess good to a quarter
+    cell, the root lies in cell ``j`` or ``j + 1``, and
+
+        r = (a_j + d_j) + d_{j+1},   d_i = clip(r - a_i, 0, h),
+
+    with each ``d_i`` from a short series about the edge ``a_i``
+    (``offsets_from_edges(a_j, h)`` returns ``(d_j, d_{j+1})``). If the root is
+    in cell ``j``, ``d_{j+1} = 0``; if in cell ``j + 1``, ``d_j = h`` and
+    ``a_j + h = a_{j+1}`` exactly. So the value does not depend on which ``j``
+    the guess picked, and for a fixed ``j`` it is a sum of rounded terms each
+    monotone in the data: ``r`` is monotone between every pair of
+    neighbouring inputs. Users: `_mixture._magnitude_from_tail` (the bulk's
+    ``|y|``) and `_polish_in_cells` (`ndtri_exp`).
+    """
+    width = _cell_width(guess.dtype)
+    cell = jnp.maximum(jnp.floor(guess * (1.0 / width) - 0.5), 0.0)
+    edge = cell * width
+    first, second = offsets_from_edges(edge, width)
+    return (edge + first) + second
 
 
 @jax.custom_jvp
@@ -343,12 +368,13 @@ def survival(u: jax.Array) -> jax.Array:
     mixture CDF summed from it then steps back. Here every rounded operation
     is monotone in ``u``: ``e`` is exact, the series is ``e - e²·m(e)`` whose
     correction changes by far less than an ulp of ``e`` per step
-    (``m ≈ a/2``, so ``e·m ≤ a/(2G) ≤ 0.05``), the table is constant within a cell, and the clip at ``Q(a + 1/G)``
-    (the value the next cell starts from exactly) keeps every cell at or above
-    the next. Relative error ≤ 1.2e-7 in float32 for ``u ≤ 12`` (beyond,
-    ≤ 1.2e-38 absolute, from flushing denormal products to zero) and ≤ 2 eps
-    in float64, against mpmath (jax's ``erfc``: 1.2e-5 near u = 11 in float32,
-    1068 eps in float64).
+    (``m ≈ a/2``, so ``e·m ≤ a/(2G) ≤ 0.05``), the table is constant within
+    a cell, and the clip at ``Q(a + 1/G)`` (the value the next cell starts
+    from exactly) keeps every cell at or above the next. Relative error
+    ≤ 1.2e-7 in float32 for ``u ≤ 12`` (beyond, ≤ 1.2e-38 absolute, from
+    flushing denormal products to zero) and ≤ 2 eps in float64, against
+    mpmath (jax's ``erfc``: 1.2e-5 near u = 11 in float32, 1068 eps in
+    float64).
 
     Args:
       u: Array of any shape, float32 or float64, ``u ≥ 0``.

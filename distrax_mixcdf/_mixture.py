@@ -55,6 +55,7 @@ from distrax_mixcdf._chunks import chunk_layout, has_rows, map_row_chunks
 from distrax_mixcdf._gaussian import (
     _LOG_SQRT_2PI,
     _log_survival_and_log_mills,
+    _root_on_cells,
     log_mills_ratio,
     mills_ratio,
     ndtri_exp,
@@ -165,11 +166,6 @@ def _bulk_signed_tail(x, params):
     return jnp.where(difference < 0, tail, -tail)
 
 
-def _anchor_grid(dtype) -> float:
-    """Cells per unit of ``|y|`` in `_magnitude_from_tail` (a power of two)."""
-    return 2.0**20 if jnp.dtype(dtype) == jnp.float64 else 2.0**12
-
-
 def _offset_in_cell(tail, edge, cell_width):
     """Distance from ``edge`` to ``Q⁻¹(tail)``, clipped to ``[0, cell_width]``.
 
@@ -195,30 +191,22 @@ def _magnitude_from_tail(tail):
     float32 `ndtri` alone is off by up to 3 ulps (2e-7 relative, measured),
     which the inverse's 4-ulp residual budget cannot absorb, and it is not
     monotone between neighbouring inputs (it steps back for ~0.4% of them
-    below 0.1). So `ndtri` only locates ``m`` on a grid of cells
-    ``[a_j, a_j + h)``, ``a_j = j·h`` (``h = 2^-12`` in float32, ``2^-20`` in
-    float64), to within a quarter cell; ``m`` then lies in cell ``j`` or
-    ``j + 1`` with ``j = ⌊m_guess/h - 1/2⌋``, and
-
-        m = (a_j + d_j) + d_{j+1},   d_i = clip(Q⁻¹(tail) - a_i, 0, h)
-
-    with each ``d_i`` from a third-order series on ``Q`` about ``a_i``
-    (`_offset_in_cell`). If ``m`` is in cell ``j``, ``d_{j+1} = 0``; if in
-    cell ``j + 1``, ``d_j = h`` and ``a_j + h = a_{j+1}`` exactly. So the value
-    does not depend on which ``j`` the guess picked, and for a fixed ``j`` it is
-    a sum of rounded terms each non-increasing in ``tail``: ``m`` is monotone
-    in ``tail`` between every pair of neighbouring floats. The series is
+    below 0.1). So `ndtri` only locates ``m`` to within a quarter cell
+    (``2^-12`` wide in float32, ``2^-20`` in float64), and ``m`` is the sum of
+    clipped offsets from the two nearest cell edges (`_root_on_cells`), each
+    from a third-order series on ``Q`` (`_offset_in_cell`). The series is
     exact to well below an ulp within a cell.
     """
-    cell_width = 1.0 / _anchor_grid(tail.dtype)
+
+    def offsets_from_edges(edge, width):
+        return (
+            _offset_in_cell(tail, edge, width),
+            _offset_in_cell(tail, edge + width, width),
+        )
+
     # `ndtri` is good to ~1e-6 of m in float32 (the cell is 2.4e-4 wide) and
     # to ~1e-15 in float64 (the cell is 9.5e-7 wide).
-    guess = -ndtri(tail)
-    cell = jnp.maximum(jnp.floor(guess * _anchor_grid(tail.dtype) - 0.5), 0.0)
-    edge = cell * cell_width
-    first = _offset_in_cell(tail, edge, cell_width)
-    second = _offset_in_cell(tail, edge + cell_width, cell_width)
-    return (edge + first) + second
+    return _root_on_cells(-ndtri(tail), offsets_from_edges)
 
 
 def _latent_from_signed_tail(signed_tail):
