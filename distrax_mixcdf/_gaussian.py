@@ -377,7 +377,8 @@ def survival(u: jax.Array) -> jax.Array:
     float64).
 
     Args:
-      u: Array of any shape, float32 or float64, ``u ≥ 0``.
+      u: Array of any shape and floating dtype, ``u ≥ 0``; float16 and
+        bfloat16 are computed in float32 and rounded back.
 
     Returns:
       ``Q(u)``, same shape and dtype; ``0`` beyond the table's end (12.75 in
@@ -385,6 +386,9 @@ def survival(u: jax.Array) -> jax.Array:
       NaN.
     """
     dtype_name = jnp.dtype(u.dtype).name
+    if dtype_name not in _SURVIVAL_TABLES:
+        # float16 / bfloat16: float32's table, the result rounded back.
+        return survival(u.astype(jnp.float32)).astype(u.dtype)
     table = _SURVIVAL_TABLES[dtype_name]
     survival_at_edges, density_at_edges = (
         jnp.asarray(values) for values in _survival_table_values(dtype_name)

@@ -126,6 +126,27 @@ def check_ndtri_exp_monotone_between_neighbouring_floats(dtype):
     assert not steps_back.any(), log_p[:, 1:][steps_back][:5]
 
 
+def test_half_precision_tail_functions():
+    """float16 / bfloat16 inputs work: `survival` is float32's result rounded.
+
+    The log functions then run in the half precision itself (as they did on
+    `erfc`), so they are compared with float32 to the half precision's eps.
+    """
+    u = np.array([-2.0, 0.0, 0.5, 3.0], np.float32)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        half = jnp.asarray(np.abs(u), dtype)
+        got = survival(half)
+        assert got.dtype == dtype
+        want = survival(half.astype(jnp.float32)).astype(dtype)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        for fn in (log_survival, log_mills_ratio):
+            half = jnp.asarray(u, dtype)
+            got = np.asarray(fn(half).astype(jnp.float32))
+            want = np.asarray(fn(half.astype(jnp.float32)))
+            eps = float(jnp.finfo(dtype).eps)
+            np.testing.assert_allclose(got, want, rtol=4 * eps, atol=4 * eps)
+
+
 def check_nan_propagation(dtype):
     u = jnp.asarray(np.array([1.0, np.nan, 40.0]), dtype)
     for fn in (log_survival, log_mills_ratio):
