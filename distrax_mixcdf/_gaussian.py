@@ -412,8 +412,11 @@ def survival(u: jax.Array) -> jax.Array:
     for coefficient in coefficients[-2::-1]:
         correction = coefficient + offset * correction
     integral = offset - jnp.square(offset) * correction
-    value = jnp.maximum(
-        survival_at_edges[index] - density_at_edges[index] * integral,
-        survival_at_edges[index + 1],
-    )
+    series = survival_at_edges[index] - density_at_edges[index] * integral
+    # The clip moves the value by at most an ulp, at a few floats before an
+    # edge; its gradient is the series' there too (the clip's own would be 0).
+    # `series + (clipped - series)` is exactly `clipped`: the two are within
+    # an ulp, so their difference and the sum are exact.
+    clipped = jnp.maximum(series, survival_at_edges[index + 1])
+    value = series + jax.lax.stop_gradient(clipped - series)
     return jnp.where(u >= table.end, 0.0, value)

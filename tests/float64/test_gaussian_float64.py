@@ -36,3 +36,7 @@ def test_survival_is_monotone_between_neighbouring_floats():
 
 def test_ndtri_exp_is_monotone_between_neighbouring_floats():
     shared.check_ndtri_exp_monotone_between_neighbouring_floats(DTYPE)
+
+
+def test_log_survival_gradient_matches_mpmath():
+    shared.check_log_survival_gradient(DTYPE)
