@@ -54,9 +54,9 @@ from jax.scipy.special import ndtri
 from distrax_mixcdf._chunks import chunk_layout, has_rows, map_row_chunks
 from distrax_mixcdf._gaussian import (
     _LOG_SQRT_2PI,
+    _log_mills_asymptotic,
     _log_survival_and_log_mills,
     _root_on_cells,
-    log_mills_ratio,
     mills_ratio,
     ndtri_exp,
     survival,
@@ -360,7 +360,11 @@ def _tail_pass(x, params, upper_side):
         max_log_hazard
         + jnp.log(hazard_sum)
         - jnp.log(mass_sum)
-        + log_mills_ratio(magnitude)
+        # `magnitude` is at least the bulk's largest |y| (11.06 / 33.8), past
+        # the asymptotic series' start (10 / 20), where `log_mills_ratio`
+        # would take the series anyway: calling it directly leaves the
+        # direct branch's code out of every forward (0.1–0.15 s of compile).
+        + _log_mills_asymptotic(magnitude)
     )
     return y, log_det
 
