@@ -2,6 +2,11 @@
 
 Run:  python benchmarks/bench_mixture_cdf.py [--n 1000000] [--k 8] [--dtype float32]
 
+The first table times one mixture shared by every element; the second the
+three parameter shapes flows use, at the same number of elements: shared
+``[K]``, per-dimension ``[D, K]`` on ``[N/D, D]`` (a marginal layer) and
+per-element ``[N, K]`` (what a coupling conditioner emits).
+
 Every row is measured in this process on the same data: jit warm-up first,
 then `--repeats` rounds in which every row runs once, in turn
 (block_until_ready), and each row reports its median. Timing the rows
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distrax_mixcdf import MixtureGaussianCDF
-from distrax_mixcdf._mixture import naive_forward_and_log_det
+from distrax_mixcdf._baseline import naive_forward_and_log_det
 from distrax_mixcdf._root_finding import ROOT_FINDERS
 
 
@@ -73,6 +78,10 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dims", type=int, default=2, help="D of the [D, K] row")
+    parser.add_argument(
+        "--skip-shapes", action="store_true", help="only the shared-mixture table"
+    )
     args = parser.parse_args()
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -186,6 +195,68 @@ def main():
     print(f"\ninverse / forward = {t_inverse / t_forward:.2f}   (target ≤ 3)")
     print(f"inverse+grad / inverse = {t_vg / t_inverse:.2f}   (target ≤ 1.5)")
     print(f"forward / naive forward = {t_forward / t_naive:.2f}   (target ≤ 1.6)")
+    if not args.skip_shapes:
+        shape_table(args, dtype, rng)
+
+
+def shape_table(args, dtype, rng):
+    """Forward, inverse and value_and_grad for the three parameter shapes."""
+    n, k, d = args.n - args.n % args.dims, args.k, args.dims
+
+    def mixture(batch):
+        logits = rng.normal(size=(*batch, k))
+        means = rng.normal(size=(*batch, k)) * 2.0
+        log_scales = rng.normal(size=(*batch, k)) * 0.3 - 0.5
+        return tuple(jnp.asarray(p, dtype) for p in (logits, means, log_scales))
+
+    cases = {
+        "shared [K] on [N]": ((), (n,)),
+        f"per-dimension [{d}, K] on [N/{d}, {d}]": ((d,), (n // d, d)),
+        "per-element [N, K] on [N]": ((n,), (n,)),
+    }
+
+    def inverse_loss(b, v):
+        x_hat, log_det = b.inverse_and_log_det(v)
+        return jnp.mean(jnp.square(x_hat)) - jnp.mean(log_det)
+
+    forward = jax.jit(lambda b, v: b.forward_and_log_det(v))
+    inverse = jax.jit(lambda b, v: b.inverse_and_log_det(v))
+    value_and_grad = jax.jit(jax.value_and_grad(inverse_loss))
+    naive = jax.jit(
+        lambda p, v: naive_forward_and_log_det(
+            v, (jax.nn.log_softmax(p[0], axis=-1), p[1], p[2])
+        )
+    )
+    calls, labels = [], []
+    for label, (param_batch, value_shape) in cases.items():
+        params = mixture(param_batch)
+        bijector = MixtureGaussianCDF(*params)
+        x = jnp.asarray(rng.normal(size=value_shape) * 2.0, dtype)
+        y = jnp.asarray(rng.normal(size=value_shape), dtype)
+        labels.append(label)
+        calls += [
+            (naive, (params, x)),
+            (forward, (bijector, x)),
+            (inverse, (bijector, y)),
+            (value_and_grad, (bijector, y)),
+        ]
+    times = round_robin_medians(calls, repeats=args.repeats)
+    print(f"\nParameter shapes, N = {n:.0e} elements, K = {k}, {args.dtype}\n")
+    print(
+        "| parameters | naive ms | forward ms | inverse ms | value_and_grad ms "
+        "| fwd/naive (≤ 1.6) | inv/fwd (≤ 3) | vg/inv (≤ 1.5) "
+        "| fwd / shared fwd | inv / shared inv |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    shared_forward, shared_inverse = times[1], times[2]
+    for i, label in enumerate(labels):
+        t_naive, t_fwd, t_inv, t_vg = times[4 * i : 4 * i + 4]
+        print(
+            f"| {label} | {t_naive * 1e3:.1f} | {t_fwd * 1e3:.1f} | "
+            f"{t_inv * 1e3:.1f} | {t_vg * 1e3:.1f} | {t_fwd / t_naive:.2f} | "
+            f"{t_inv / t_fwd:.2f} | {t_vg / t_inv:.2f} | "
+            f"{t_fwd / shared_forward:.2f} | {t_inv / shared_inverse:.2f} |"
+        )
 
 
 if __name__ == "__main__":

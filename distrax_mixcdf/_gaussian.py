@@ -15,7 +15,7 @@ upper tail ``Q(u) = 1 - Φ(u)`` and the Mills ratio ``R(u) = Q(u) / φ(u)``:
 Why the Mills ratio: far in a tail, ``log f(x) - log φ(y)`` subtracts two numbers
 of size ``y²/2`` and keeps only ``eps·y²`` of accuracy. Writing ``φ(y) = Q(y)/R(y)``
 turns every such difference into a ratio of O(1) quantities. The mixture code
-(`_mixture.py`) relies on this; change the thresholds here only together with
+(`_forward.py`) relies on this; change the thresholds here only together with
 `tests/test_gaussian.py` (and its float64 twin), which check them against mpmath.
 """
 
@@ -30,9 +30,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtri
 
-__all__ = ["log_mills_ratio", "log_survival", "mills_ratio", "ndtri_exp", "survival"]
+__all__ = [
+    "LOG_SQRT_2PI",
+    "log_mills_asymptotic",
+    "log_mills_ratio",
+    "log_survival",
+    "log_survival_and_log_mills",
+    "mills_ratio",
+    "ndtri_exp",
+    "root_on_cells",
+    "survival",
+]
 
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
 # Above this argument log R(u) comes from the asymptotic series
@@ -57,7 +67,7 @@ def _series_start(dtype) -> float:
 _NDTRI_EXP_NEWTON_STEPS = 2
 
 
-def _log_mills_asymptotic(u: jax.Array) -> jax.Array:
+def log_mills_asymptotic(u: jax.Array) -> jax.Array:
     """Log R(u) from its asymptotic series in 1/u² (Horner form), for large u."""
     inv_u2 = 1.0 / jnp.square(u)
     series = jnp.ones_like(u)
@@ -66,7 +76,7 @@ def _log_mills_asymptotic(u: jax.Array) -> jax.Array:
     return jnp.log(series) - jnp.log(u)
 
 
-def _log_survival_and_log_mills(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+def log_survival_and_log_mills(u: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Returns ``(log Q(u), log R(u))`` sharing one `survival` / asymptotic series."""
     start = _series_start(u.dtype)
     use_series = u >= start
@@ -76,7 +86,7 @@ def _log_survival_and_log_mills(u: jax.Array) -> tuple[jax.Array, jax.Array]:
     u_direct = jnp.where(use_series, 0.0, u)
     half_u_squared = 0.5 * jnp.square(u)
 
-    log_mills_series = _log_mills_asymptotic(u_series)
+    log_mills_series = log_mills_asymptotic(u_series)
     # Q(u) = 1 - Q(|u|) below 0 (within [1/2, 1], as exact as `erfc` was).
     smaller_tail = survival(jnp.abs(u_direct))
     log_survival_direct = jnp.log(
@@ -85,13 +95,13 @@ def _log_survival_and_log_mills(u: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     log_survival = jnp.where(
         use_series,
-        -half_u_squared - _LOG_SQRT_2PI + log_mills_series,
+        -half_u_squared - LOG_SQRT_2PI + log_mills_series,
         log_survival_direct,
     )
     log_mills = jnp.where(
         use_series,
         log_mills_series,
-        log_survival_direct + half_u_squared + _LOG_SQRT_2PI,
+        log_survival_direct + half_u_squared + LOG_SQRT_2PI,
     )
     return log_survival, log_mills
 
@@ -158,7 +168,7 @@ def log_survival(u: jax.Array) -> jax.Array:
       ``u`` (about ``-u²/2`` for large ``u``, about ``-Q(-u)`` for very negative
       ``u``).
     """
-    return _log_survival_and_log_mills(u)[0]
+    return log_survival_and_log_mills(u)[0]
 
 
 def log_mills_ratio(u: jax.Array) -> jax.Array:
@@ -177,7 +187,7 @@ def log_mills_ratio(u: jax.Array) -> jax.Array:
     Returns:
       ``log R(u)``, same shape and dtype as ``u``.
     """
-    return _log_survival_and_log_mills(u)[1]
+    return log_survival_and_log_mills(u)[1]
 
 
 def _upper_tail_quantile(log_tail: jax.Array) -> jax.Array:
@@ -191,12 +201,12 @@ def _upper_tail_quantile(log_tail: jax.Array) -> jax.Array:
     start_moderate = -ndtri(jnp.exp(safe_moderate))
     minus_two_log_tail = -2.0 * safe_deep
     start_deep = jnp.sqrt(
-        minus_two_log_tail - jnp.log(minus_two_log_tail) - 2.0 * _LOG_SQRT_2PI
+        minus_two_log_tail - jnp.log(minus_two_log_tail) - 2.0 * LOG_SQRT_2PI
     )
     u = jnp.where(moderate, start_moderate, start_deep).astype(dtype)
     for _ in range(_NDTRI_EXP_NEWTON_STEPS):
         # Newton on g(u) = log Q(u) - log_tail, with g'(u) = -1/R(u).
-        log_q, log_mills = _log_survival_and_log_mills(u)
+        log_q, log_mills = log_survival_and_log_mills(u)
         u = u + (log_q - log_tail) * jnp.exp(log_mills)
     return _polish_in_cells(u, log_tail)
 
@@ -210,7 +220,7 @@ def _log_offset_in_cell(log_tail, edge, cell_width):
     ``k s²`` moves by far less than an ulp of ``s`` per step of ``s``, so the
     rounded result is non-increasing in ``log_tail``.
     """
-    log_q, log_mills = _log_survival_and_log_mills(edge)
+    log_q, log_mills = log_survival_and_log_mills(edge)
     s = (log_q - log_tail) * jnp.exp(log_mills)
     k = 0.5 * (jnp.exp(-log_mills) - edge)
     return jnp.clip(s - k * jnp.square(s), 0.0, cell_width)
@@ -222,7 +232,7 @@ def _polish_in_cells(u, log_tail):
     A Newton step's result moves with its start, so neighbouring ``log_tail``
     values could map to ``u`` one ulp out of order (measured in the mixture's
     float32 tail pass: 12 of 40000 neighbouring pairs at y = 11.5). Instead
-    the root is found on cells (`_root_on_cells`), located by the Newton
+    the root is found on cells (`root_on_cells`), located by the Newton
     iterate ``u`` (good to far better than a quarter cell).
     """
 
@@ -232,15 +242,15 @@ def _polish_in_cells(u, log_tail):
         offsets = _log_offset_in_cell(log_tail, jnp.stack([edge, edge + width]), width)
         return offsets[0], offsets[1]
 
-    return _root_on_cells(u, offsets_from_edges)
+    return root_on_cells(u, offsets_from_edges)
 
 
 def _cell_width(dtype) -> float:
-    """Width ``h`` of the cells of `_root_on_cells`: ``2^-12`` / ``2^-20``."""
+    """Width ``h`` of the cells of `root_on_cells`: ``2^-12`` / ``2^-20``."""
     return 2.0**-20 if jnp.dtype(dtype) == jnp.float64 else 2.0**-12
 
 
-def _root_on_cells(guess, offsets_from_edges):
+def root_on_cells(guess, offsets_from_edges):
     """A root ``r ≥ 0`` computed so that it is monotone in the equation's data.
 
     The roots solved here (``Q(r) = tail``, ``log Q(r) = log_tail``) are
@@ -258,7 +268,7 @@ def _root_on_cells(guess, offsets_from_edges):
     ``a_j + h = a_{j+1}`` exactly. So the value does not depend on which ``j``
     the guess picked, and for a fixed ``j`` it is a sum of rounded terms each
     monotone in the data: ``r`` is monotone between every pair of
-    neighbouring inputs. Users: `_mixture._magnitude_from_tail` (the bulk's
+    neighbouring inputs. Users: `_forward._magnitude_from_tail` (the bulk's
     ``|y|``) and `_polish_in_cells` (`ndtri_exp`).
     """
     width = _cell_width(guess.dtype)

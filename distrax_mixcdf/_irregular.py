@@ -1,6 +1,6 @@
 r"""Inputs the closed-form numerics do not take: NaN, ±inf, and saturated values.
 
-The map's numerics (`_mixture.py`, `_root_finding.py`) work while ``z²`` fits
+The map's numerics (`_forward.py`, `_root_finding.py`) work while ``z²`` fits
 the float range. Beyond `saturation_threshold` (``sqrt(max)/16``,
 1.2e18 in float32) this module gives the outputs in closed form, exact to
 working precision, and it fixes what NaN and ±inf map to:
@@ -15,12 +15,10 @@ working precision, and it fixes what NaN and ±inf map to:
 ``*_far`` functions return those outputs for every element of a batch (finite
 garbage where the element is regular), computed at a finite stand-in where the
 input is not finite, so their derivatives are finite wherever a loss masks the
-element out (the double-``where`` pattern). They are differentiated by JAX:
-the bijector's policy (`mixture_cdf._apply_policy`) selects them, and the
-inverse's implicit rule takes their tangents (`_mixture.tangents_at`).
-
-What you may change: nothing here without updating the policy tests in
-`tests/test_reliability.py`.
+element out (the double-``where`` pattern). Two mechanisms apply them:
+`apply_policy` around a core (the forward, and the inverse's comparison
+gradient modes), and the default inverse itself, whose solver and implicit
+rule handle such elements chunk by chunk (`_root_finding`, `_tangents`).
 """
 
 from __future__ import annotations
@@ -30,7 +28,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from distrax_mixcdf import _chunks
+from distrax_mixcdf._components import fold
+
 __all__ = [
+    "apply_policy",
     "forward_far",
     "forward_reach",
     "forward_saturation",
@@ -65,19 +67,26 @@ def forward_saturation(x, params):
     ``log|dy/dx| = -\log σ_{k*}(1 + O(z^{-2}))``: exact to working precision,
     where the log-space tail pass would overflow ``z²``.
     """
-    _, means, log_scales = params
+    _, means, _ = params
     threshold = saturation_threshold(x.dtype)
     shape = jnp.broadcast_shapes(x.shape, means.shape[:-1])
-    lowest = highest = lowest_scale = highest_scale = jnp.zeros(shape, x.dtype)
-    for k in range(log_scales.shape[-1]):
-        log_scale = jnp.broadcast_to(log_scales[..., k], shape)
-        z = jnp.broadcast_to((x - means[..., k]) * jnp.exp(-log_scales[..., k]), shape)
-        lower = (z < lowest) | (k == 0)
-        higher = (z > highest) | (k == 0)
-        lowest = jnp.where(lower, z, lowest)
-        lowest_scale = jnp.where(lower, log_scale, lowest_scale)
-        highest = jnp.where(higher, z, highest)
-        highest_scale = jnp.where(higher, log_scale, highest_scale)
+
+    def extremes(carry, log_weight, mean, log_scale):
+        del log_weight
+        lowest, lowest_scale, highest, highest_scale = carry
+        z = (x - mean) * jnp.exp(-log_scale)
+        lower, higher = z < lowest, z > highest
+        return (
+            jnp.where(lower, z, lowest),
+            jnp.where(lower, log_scale, lowest_scale),
+            jnp.where(higher, z, highest),
+            jnp.where(higher, log_scale, highest_scale),
+        )
+
+    inf, zero = jnp.asarray(jnp.inf, x.dtype), jnp.zeros((), x.dtype)
+    lowest, lowest_scale, highest, highest_scale = fold(
+        extremes, (inf, zero, -inf, zero), params, shape
+    )
     right, left = lowest > threshold, highest < -threshold
     y = jnp.where(right, lowest, highest)
     return right | left, y, -jnp.where(right, lowest_scale, highest_scale)
@@ -118,14 +127,17 @@ def inverse_saturation(y, params):
     _, means, log_scales = params
     shape = jnp.broadcast_shapes(y.shape, means.shape[:-1])
     saturated = jnp.broadcast_to(jnp.abs(y) > inverse_reach(params), shape)
+
+    def owner(mask, values):
+        return jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
+
     positive, negative = tail_components(params)
-    x = log_det = jnp.zeros(shape, y.dtype)
-    for k in range(log_scales.shape[-1]):
-        chosen = jnp.where(y > 0, positive[..., k], negative[..., k])
-        candidate = means[..., k] + jnp.exp(log_scales[..., k]) * y
-        x = x + jnp.where(chosen, candidate, 0.0)
-        log_det = log_det + jnp.where(chosen, log_scales[..., k], 0.0)
-    return saturated, x, log_det
+    upper = y > 0
+    mean, log_scale = (
+        jnp.where(upper, owner(positive, v), owner(negative, v))
+        for v in (means, log_scales)
+    )
+    return saturated, mean + jnp.exp(log_scale) * y, jnp.broadcast_to(log_scale, shape)
 
 
 def forward_stand_in(params) -> jax.Array:
@@ -165,3 +177,68 @@ def inverse_far(y, params):
     The log-det is the inverse's own, ``log |dx/dy|``.
     """
     return _far(y, params, inverse_saturation, inverse_stand_in, 1.0)
+
+
+def apply_policy(value, params, core, reach, far, stand_in):
+    """Runs ``core`` on the regular elements; NaN, ±inf and saturated ones apart.
+
+    ``core`` sees a harmless stand-in in every slot it does not own, and
+    ``far``'s outputs replace its own there. All of that runs only when the
+    batch has an element beyond ``reach`` (or a NaN): one fused reduction
+    decides, and two ``lax.cond`` pass a clean batch straight through. Every
+    branch is finite on every element, so under ``vmap``, where the conds
+    become selects, no branch leaks NaN into another's cotangents. The
+    irregular branches run in rematerialised lane chunks, so a clean batch
+    saves no masks for the backward pass.
+
+    Args:
+      value: Inputs, broadcastable against the parameters' batch shape.
+      params: ``(log_weights, means, log_scales)``, each ``[..., K]``.
+      core: ``(value, params) -> (out, log_det)`` for regular inputs.
+      reach: ``params -> bound``: below it no input is saturated.
+      far: ``(value, params) -> (regular, out, log_det)`` (`forward_far`, ...).
+      stand_in: ``params -> value`` the core sees in irregular slots.
+
+    Returns:
+      ``(out, log_det)`` of the broadcast batch shape.
+    """
+    value, params, layout = _chunks.canonical(value, params)
+    elements = _chunks.chunk_elements("policy")
+    # NaN compares False, so a NaN batch counts as irregular too.
+    irregular = ~jnp.all(jnp.abs(value) <= reach(params))
+
+    def regular_chunk(value, params):
+        regular = far(value, params)[0]
+        return jnp.where(regular, value, stand_in(params))
+
+    # The outer checkpoint makes each branch's residuals its operands, which
+    # the cond already has.
+    @jax.checkpoint
+    def regular_input(value, params):
+        return _chunks.map_lane_chunks(
+            regular_chunk, (value,), params, elements, remat=True
+        )
+
+    def combine_chunk(value, out, log_det, params):
+        regular, out_far, log_det_far = far(value, params)
+        return (
+            jnp.where(regular, out, out_far),
+            jnp.where(regular, log_det, log_det_far),
+        )
+
+    @jax.checkpoint
+    def combine(value, params, out, log_det):
+        return _chunks.map_lane_chunks(
+            combine_chunk, (value, out, log_det), params, elements, remat=True
+        )
+
+    def keep(value, params, out, log_det):
+        del value, params
+        return out, log_det
+
+    core_input = jax.lax.cond(
+        irregular, regular_input, lambda value, params: value, value, params
+    )
+    out, log_det = core(core_input, params)
+    out, log_det = jax.lax.cond(irregular, combine, keep, value, params, out, log_det)
+    return layout.restore(out), layout.restore(log_det)

@@ -1,38 +1,29 @@
 """Inverting the mixture CDF map: batched root finders and the gradient rule.
 
 ``x = T⁻¹(y; θ)`` solves ``T(x; θ) = y`` elementwise, where ``T`` is the exact
-forward of `_mixture.py`. The residual is measured in ``y``-space, where ``T`` is
-close to linear in both tails, so Newton steps stay well behaved far out.
+forward (`_forward.py`). The residual is measured in ``y``-space, where ``T``
+is close to linear in both tails, so Newton steps stay well behaved far out.
 
-* Every solver starts inside the closed-form bracket of `_mixture.cdf_bracket`
+* Every solver starts inside the closed-form bracket `_forward.cdf_bracket`
   and runs a batch-level ``lax.while_loop`` (no ``vmap`` of a per-element
-  loop) on each row chunk of ~2^17 elements (`_chunks.map_row_chunks`): a
-  chunk stops once all its elements have converged, its loop state stays in
-  cache, and the call's temporaries stay small enough that glibc reuses their
-  memory instead of page-faulting a fresh mapping on every call.
+  loop) on each lane chunk (`_chunks.map_lane_chunks`): a chunk stops once
+  all its elements have converged.
 * ``"newton"`` takes unsafeguarded Newton steps (for comparison); elements it
   leaves unconverged after ``max_iter`` are finished by ``"hybrid"``.
-* ``"hybrid"`` (default) is safeguarded Newton: a Newton step is kept only if it
-  lands strictly inside the current bracket and is at most half the step
+* ``"hybrid"`` (default) is safeguarded Newton: a Newton step is kept only if
+  it lands strictly inside the current bracket and is at most half the step
   before last (Numerical Recipes' rtsafe rule, which also breaks Newton's
-  cycles); otherwise the bracket is bisected. The bracket shrinks at every
-  evaluation.
-* The start: when many inputs share one parameter set (a marginal layer, or a
-  ``[D, K]`` layer on ``[N, D]`` inputs), a 512-knot table of roots with cubic
-  Hermite interpolation starts Newton within ~1e-6 and tightens the bracket to
-  one knot interval; otherwise the weighted component quantile
-  ``Σ w_k (μ_k + σ_k y)``.
+  cycles); otherwise the bracket is bisected.
+* The start: when many inputs share one parameter set, a 512-knot table of
+  roots with cubic Hermite interpolation starts Newton within ~1e-6 and
+  tightens the bracket to one knot interval; otherwise the weighted
+  component quantile ``Σ w_k (μ_k + σ_k y)``.
 * Stopping: after a Newton step δ the remaining error is predicted from the
-  curvature ``c = T''/T'`` as ``(|c| + |δ|/σ_min²) δ²/2``, so a converged element
-  needs no extra confirming evaluation; the log-det is carried along the step.
+  curvature ``c = T''/T'`` as ``(|c| + |δ|/σ_min²) δ²/2``, so a converged
+  element needs no confirming evaluation; the log-det is carried along the step.
 * Gradients come from :func:`implicit_inverse`, the only place the implicit
-  function theorem is written down. It is a ``jax.custom_jvp``, so forward and
-  reverse mode, ``vmap`` and higher derivatives all work.
-
-What you may change: solver heuristics (start, safeguards, stopping), as long
-as `tests/test_mixture_cdf.py`, `tests/float64/` and
-`benchmarks/bench_mixture_cdf.py` stay green. Keep the gradient rule in
-:func:`implicit_inverse` and nowhere else.
+  function theorem is written down (a ``jax.custom_jvp``, so forward and
+  reverse mode, ``vmap`` and higher derivatives all work).
 """
 
 from __future__ import annotations
@@ -45,15 +36,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from distrax_mixcdf._chunks import map_row_chunks
+from distrax_mixcdf import _chunks
+from distrax_mixcdf._forward import cdf_bracket, log_det_slope, quantile_average
 from distrax_mixcdf._irregular import inverse_far
-from distrax_mixcdf._mixture import (
-    cdf_bracket,
-    forward_and_log_det,
-    log_det_slope,
-    quantile_average,
-    tangents_at,
-)
+from distrax_mixcdf._tangents import forward_and_log_det, tangents_at
 
 __all__ = [
     "INVERSE_GRADIENTS",
@@ -107,14 +93,6 @@ class _State(NamedTuple):
 _TABLE_KNOTS = 512
 _TABLE_HALF_RANGE = 7.0
 _TABLE_MIN_SHARING = 16 * _TABLE_KNOTS
-# Elements per chunk of the batch loop (`solve`). Each chunk runs its own
-# while_loop, whose state stays in cache, and the call's temporaries stay below
-# glibc's 32 MiB mmap threshold (see `_chunks`). Larger chunks launch fewer
-# kernels: measured on N = 1e6 float32, K = 8, 2^14 → 30 ms, 2^16 → 26 ms,
-# 2^18 → 22 ms per inverse (35 ms unchunked, 17k page faults per call); 2^18
-# measured as fast as 2^17 once the inverse's policy moved into the solver,
-# but set value_and_grad's temporaries at 36 MiB (page faults), 2^17 at 29.
-_SOLVE_CHUNK_ELEMENTS = 1 << 17
 # A knot is a root found to tolerance, not exactly: widen the knot bracket by
 # this fraction of the interval so rounding never excludes the true root.
 _KNOT_BRACKET_SLACK = 1e-3
@@ -153,7 +131,7 @@ def _knot_table(params: Params, options: SolverOptions, dtype):
     log_weights, means, log_scales = (p[..., None, :] for p in params)
     knot_params = (log_weights, means, log_scales)
     knot_roots, knot_log_det, _ = solve(knots, knot_params, options, use_table=False)
-    return knot_roots, jnp.exp(knot_log_det)
+    return lax.stop_gradient((knot_roots, jnp.exp(knot_log_det)))
 
 
 def _lookup(table: jax.Array, knot_index: jax.Array) -> jax.Array:
@@ -338,11 +316,9 @@ def solve(
 
     NaN, ``±inf`` and ``|y|`` beyond `_irregular.saturation_threshold` (where
     ``y²`` would overflow) are solved at the stand-in ``y = 0`` and their
-    outputs replaced by `_irregular.inverse_far`'s, chunk by chunk. (Done in
-    the bijector's policy instead, around the whole call, its ``lax.cond``
-    held copies of the batch through the backward pass: the gradient's
-    temporaries were 40 MiB rather than 29 MiB per 1e6 elements, above glibc's
-    32 MiB mmap threshold, so every call page-faulted.)
+    outputs replaced by `_irregular.inverse_far`'s, chunk by chunk. Under
+    ``vmap`` the solver runs on the whole batch at once (`_chunks.vmap_as_batch`),
+    so its loop and its start table are those of a batched call.
 
     Args:
       y: Latent values, broadcastable against the parameter batch shape.
@@ -355,18 +331,25 @@ def solve(
       ``log |dx/dy| = -log T'(x)`` of the broadcast batch shape, and the
       largest number of loop iterations a chunk used.
     """
-    shape = jnp.broadcast_shapes(y.shape, _param_batch_shape(params))
-    table = None
-    if use_table and _uses_table(y, params):
-        table = lax.stop_gradient(_knot_table(params, options, y.dtype))
-    x, log_det, iterations = map_row_chunks(
-        functools.partial(_solve_chunk, options=options),
-        (jnp.broadcast_to(y, shape),),
-        (params, table),
-        shape,
-        _SOLVE_CHUNK_ELEMENTS,
-    )
-    return x, log_det, jnp.max(iterations)
+    return _batch_solver(options, use_table)(y, params)
+
+
+@functools.cache
+def _batch_solver(options: SolverOptions, use_table: bool):
+    def run(y, params):
+        y, params, layout = _chunks.canonical(y, params)
+        table = None
+        if use_table and _uses_table(y, params):
+            table = _knot_table(params, options, y.dtype)
+        x, log_det, iterations = _chunks.map_lane_chunks(
+            functools.partial(_solve_chunk, options=options),
+            (y,),
+            (params, table),
+            _chunks.chunk_elements("solve"),
+        )
+        return layout.restore(x), layout.restore(log_det), jnp.max(iterations)
+
+    return _chunks.vmap_as_batch(run)
 
 
 def _solve_chunk(y, shared, options: SolverOptions):
@@ -397,7 +380,7 @@ def _unrolled_solve(y: jax.Array, params: Params, options: SolverOptions):
     """``max_iter`` solver steps in a ``lax.scan``, differentiable by unrolling."""
     table = None
     if _uses_table(y, params):
-        table = lax.stop_gradient(_knot_table(params, options, y.dtype))
+        table = _knot_table(lax.stop_gradient(params), options, y.dtype)
     state = _initial_state(y, params, table)
     state = state._replace(x=lax.stop_gradient(state.x))
     state, _ = lax.scan(
@@ -422,7 +405,7 @@ def implicit_inverse(y: jax.Array, params: Params, options: SolverOptions):
     evaluated at the converged root, never by differentiating solver iterations
     (unrolled bisection has zero gradient). The log-det's tangent follows by the
     chain rule. Both relations are written out once, in closed form, in
-    `distrax_mixcdf._mixture.tangents_at` (shared with the forward). The rule is linear
+    `distrax_mixcdf._tangents.tangents_at` (shared with the forward). The rule is linear
     in the tangents, so JAX transposes it for reverse mode; because it is a
     ``custom_jvp`` (not a ``custom_vjp``), ``jacfwd``, ``jacrev``, ``hessian`` and
     ``vmap`` all work, and second derivatives differentiate the rule itself,
@@ -477,7 +460,7 @@ def inverse_and_log_det(
     if options.inverse_grad == "implicit":
         return implicit_inverse(y, params, options)
     if options.inverse_grad == "one_step":
-        root = lax.stop_gradient(solve(y, params, options)[0])
+        root = solve(lax.stop_gradient(y), lax.stop_gradient(params), options)[0]
         y_at_root, log_det = forward_and_log_det(root, params)
         x = root - (y_at_root - y) * jnp.exp(-log_det)
     elif options.inverse_grad == "unroll":

@@ -2,12 +2,12 @@
 
 ``MixtureGaussianCDF`` maps data to a standard-normal latent,
 ``y = Φ⁻¹(Σ_k w_k Φ((x − μ_k)/σ_k))``. The class only validates, stores and
-dispatches: the forward numerics live in `_mixture.py`, the inverse root find and
-its implicit gradient in `_root_finding.py`, what NaN, ±inf and saturated inputs
-map to in `_irregular.py`, and the row chunking of large batches in
-`_chunks.py`. Its pytree leaves are exactly the
-three parameter arrays (solver options are static), so it works with ``jax.jit``,
-``jax.vmap``, ``jax.grad``, optax and ``equinox.partition`` alike.
+dispatches: the forward map is in `_forward.py`, its derivatives in
+`_tangents.py`, the inverse root find and its implicit gradient in
+`_root_finding.py`, and what NaN, ±inf and saturated inputs map to in
+`_irregular.py`. Its pytree leaves are exactly the three parameter arrays
+(solver options are static), so it works with ``jax.jit``, ``jax.vmap``,
+``jax.grad``, optax and ``equinox.partition`` alike.
 """
 
 from __future__ import annotations
@@ -20,15 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distrax_mixcdf import _irregular, _mixture, _root_finding
-from distrax_mixcdf._chunks import map_row_chunks
+from distrax_mixcdf import _irregular, _root_finding, _tangents
 from distrax_mixcdf._root_finding import INVERSE_GRADIENTS, ROOT_FINDERS, SolverOptions
 
 __all__ = ["MixtureGaussianCDF"]
 
 _PARAM_NAMES = ("logits", "means", "log_scales")
-# Row chunk of the non-finite/saturation handling (`_apply_policy`).
-_POLICY_CHUNK_ELEMENTS = 1 << 16
 
 
 def _as_float_param(name: str, value: Any) -> jax.Array:
@@ -46,94 +43,14 @@ def _as_float_param(name: str, value: Any) -> jax.Array:
     return array
 
 
-def _apply_policy(value, params, core, reach, far, stand_in):
-    """Runs ``core`` on the regular elements; NaN, ±inf and saturated ones apart.
-
-    What those map to is `_irregular`'s (``far``): NaN to NaN, ±inf to ±inf
-    with the log-det's limit there, saturated values to an asymptotic closed
-    form. ``core`` sees a harmless stand-in in every slot it does not own (the
-    double-``where`` pattern), so the discarded tangents there are finite and
-    a loss that masks those elements keeps finite gradients.
-
-    All of that runs only when the batch has an element beyond ``reach`` (or a
-    NaN): one fused reduction decides, and two ``lax.cond`` pass a clean batch
-    straight through. The core runs once, outside both, so it is compiled once.
-    The irregular branches run in rematerialised row chunks
-    (`_chunks.map_row_chunks`): their residuals are then their operands, a
-    clean batch writes no masks for the backward pass, and the per-component
-    selects of the saturation tests, transposed, take one chunk's memory.
-    (Per-element masks, selects and their transposes measured 3-7 ms of a
-    50-60 ms value-and-grad through the inverse on 1e6 elements; unchunked,
-    the transposed irregular branch alone set a 104 MiB temporary buffer for
-    that value-and-grad, which XLA allocates whether the branch runs or not.)
-
-    The default inverse does not come through here: its root finder and its
-    implicit rule handle these elements chunk by chunk themselves
-    (`_root_finding.solve`), which keeps the cond's copies of the whole batch
-    out of the gradient's memory.
-    """
-    shape = np.broadcast_shapes(value.shape, params[1].shape[:-1])
-    # NaN compares False, so a NaN batch counts as irregular too.
-    irregular = ~jnp.all(jnp.abs(value) <= reach(params))
-
-    def regular_chunk(value, params):
-        regular = far(value, params)[0]
-        return jnp.where(regular, value, stand_in(params))
-
-    # The outer checkpoint makes each branch's residuals its operands, which the
-    # cond already has; else the chunks' stacked inputs become residuals that
-    # the untaken branch fills with zeros on every clean call.
-    @jax.checkpoint
-    def regular_input(value, params):
-        return map_row_chunks(
-            regular_chunk,
-            (jnp.broadcast_to(value, shape),),
-            params,
-            shape,
-            _POLICY_CHUNK_ELEMENTS,
-            remat=True,
-        )
-
-    def clean_input(value, params):
-        del params
-        return jnp.broadcast_to(value, shape)
-
-    def combine_chunk(value, out, log_det, params):
-        regular, out_far, log_det_far = far(value, params)
-        return jnp.where(regular, out, out_far), jnp.where(
-            regular, log_det, log_det_far
-        )
-
-    @jax.checkpoint
-    def combine(value, params, out, log_det):
-        return map_row_chunks(
-            combine_chunk,
-            (jnp.broadcast_to(value, shape), out, log_det),
-            params,
-            shape,
-            _POLICY_CHUNK_ELEMENTS,
-            remat=True,
-        )
-
-    def keep(value, params, out, log_det):
-        del value, params
-        return out, log_det
-
-    core_input = jax.lax.cond(irregular, regular_input, clean_input, value, params)
-    out, log_det = core(core_input, params)
-    return jax.lax.cond(irregular, combine, keep, value, params, out, log_det)
-
-
 # The two maps are compiled as units (inlined when the caller is itself under
-# `jit`): called eagerly, they would otherwise dispatch and compile hundreds of
-# small ops one by one on every call (measured: 1-2 s per eager call of the
-# README's snippet, against milliseconds once compiled).
+# `jit`): called eagerly, they would dispatch hundreds of small ops one by one.
 @jax.jit
 def _forward_with_policy(x, params):
-    return _apply_policy(
+    return _irregular.apply_policy(
         x,
         params,
-        _mixture.forward_and_log_det,
+        _tangents.forward_and_log_det,
         _irregular.forward_reach,
         _irregular.forward_far,
         _irregular.forward_stand_in,
@@ -147,7 +64,7 @@ def _inverse_with_policy(y, params, options):
         # The root finder and the implicit rule apply the policy themselves.
         shape = jnp.broadcast_shapes(y.shape, params[1].shape[:-1])
         return inverse(jnp.broadcast_to(y, shape), params)
-    return _apply_policy(
+    return _irregular.apply_policy(
         y,
         params,
         inverse,

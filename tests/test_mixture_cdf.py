@@ -17,7 +17,7 @@ import scipy.special
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrax_mixcdf import MixtureGaussianCDF, _mixture, _root_finding, mixture_cdf
+from distrax_mixcdf import MixtureGaussianCDF, _chunks, _tangents
 
 DTYPE = np.float32
 
@@ -391,9 +391,8 @@ def test_chunked_maps_and_gradients_match_one_piece(case, irregular_rows, monkey
     the last chunk is padded. "per_element": [N, 2] inputs with [N, 2, K]
     parameters, chunked with the rows.
     """
-    monkeypatch.setattr(_root_finding, "_SOLVE_CHUNK_ELEMENTS", 1024)
-    monkeypatch.setattr(mixture_cdf, "_POLICY_CHUNK_ELEMENTS", 1024)
-    monkeypatch.setattr(_mixture, "_CHUNK_ELEMENTS", 1024)
+    for purpose in ("solve", "policy", "tangents"):
+        monkeypatch.setitem(_chunks._CPU_CHUNK_ELEMENTS, purpose, 1024)
     maps_and_grads = _compiled_for_small_chunks(case)
     rng = np.random.default_rng(11)
     n = {"shared": 8210, "per_element": 4100}[case]
@@ -466,7 +465,7 @@ def test_tangent_coefficients_match_a_float64_reference():
         ),
         ([0.0, 0.0], [-30.0, 30.0], [0.0, 0.0], np.linspace(-40.0, 40.0, 41)),
     ]
-    coefficients = jax.jit(_mixture.tangent_coefficients, static_argnums=4)
+    coefficients = jax.jit(_tangents.tangent_coefficients, static_argnums=4)
     for logits, means, log_scales, x in cases:
         params = _checks.as_used(
             (np.asarray(logits), np.asarray(means), np.asarray(log_scales)), DTYPE
@@ -474,8 +473,8 @@ def test_tangent_coefficients_match_a_float64_reference():
         log_weights = jax.nn.log_softmax(jnp.asarray(params[0], DTYPE))
         used = (log_weights, jnp.asarray(params[1]), jnp.asarray(params[2]))
         x = np.asarray(x, DTYPE)
-        y, log_det = _mixture.forward_and_log_det(jnp.asarray(x), used)
-        mixture = _mixture._mixture_arrays(used)
+        y, log_det = _tangents.forward_and_log_det(jnp.asarray(x), used)
+        mixture = _tangents.mixture_arrays(used)
         got = coefficients(jnp.asarray(x), mixture, y, log_det, "density")
 
         lw, mu, ls = (np.asarray(p, np.float64) for p in used)

@@ -161,7 +161,7 @@ def test_nan_and_inf_policy_elementwise_with_finite_masked_gradients():
 def test_inverse_tangents_at_irregular_inputs_are_the_far_maps(tied):
     """The implicit inverse handles NaN, ±inf and saturated y inside its rule.
 
-    Its tangents there (`_mixture._inverse_far_tangents`, written by hand so
+    Its tangents there (`_tangents._inverse_far_tangents`, written by hand so
     that clean batches pay nothing for them) must equal JAX's derivatives of
     the closed forms in `_irregular.inverse_far`, for y and every parameter,
     in both outputs. "tied": two components share the widest scale, so the

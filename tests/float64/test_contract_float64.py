@@ -1,0 +1,11 @@
+"""The transformation contract in float64 (`tests/_contract.py`)."""
+
+import _contract
+import numpy as np
+import pytest
+
+
+@pytest.mark.parametrize("transform", _contract.TRANSFORMS)
+@pytest.mark.parametrize("name", _contract.MAPS)
+def test_same_numbers_under_every_transformation(name, transform):
+    _contract.check(name, transform, np.float64)
