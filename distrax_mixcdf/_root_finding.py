@@ -37,7 +37,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from distrax_mixcdf import _chunks
-from distrax_mixcdf._forward import cdf_bracket, log_det_slope, quantile_average
+from distrax_mixcdf._forward import (
+    cdf_bracket,
+    gather_rows,
+    log_det_slope,
+    quantile_average,
+)
 from distrax_mixcdf._irregular import inverse_far
 from distrax_mixcdf._tangents import forward_and_log_det, tangents_at
 
@@ -352,6 +357,80 @@ def _batch_solver(options: SolverOptions, use_table: bool):
     return _chunks.vmap_as_batch(run)
 
 
+# Once at most this fraction of a chunk is still iterating, the stragglers are
+# gathered into a buffer of that size and finished there: the batch loop
+# otherwise pays for every element until the slowest one converges.
+_STRAGGLER_SHARE = 8
+# Chunks smaller than this iterate whole: gathering would cost more than it saves.
+_STRAGGLER_MIN_SIZE = 1024
+
+
+def _iterate(state, y, params, options, max_iter, stop_below=0):
+    """Steps ``state`` until at most ``stop_below`` elements are still iterating.
+
+    Or until ``max_iter`` iterations have run.
+    """
+
+    def keep_going(state: _State):
+        remaining = jnp.sum(~state.done)
+        return (state.iteration < max_iter) & (remaining > stop_below)
+
+    return lax.while_loop(keep_going, lambda s: _step(s, y, params, options), state)
+
+
+def _finish_stragglers(state, y, params, options, max_iter, capacity):
+    """Finishes the elements still iterating in a gathered buffer of ``capacity``.
+
+    Runs only when they fit (the caller stops the batch loop once they do);
+    entries past their count are marked done and written nowhere.
+    """
+    shape = state.x.shape
+    size = state.x.size
+    remaining = ~state.done.ravel()
+    (index,) = jnp.nonzero(remaining, size=capacity, fill_value=size)
+    valid = index < size
+
+    def take(array):
+        return jnp.broadcast_to(array, shape).ravel().at[index].get(mode="clip")
+
+    sub_params = tuple(gather_rows(p, index % size, shape, trailing=1) for p in params)
+    sub_state = state._replace(
+        **{
+            field: take(getattr(state, field))
+            for field in _State._fields
+            if field not in ("iteration", "done")
+        },
+        done=~valid,
+    )
+    sub_state = _iterate(sub_state, take(y), sub_params, options, max_iter)
+
+    def put(array, values):
+        flat = jnp.broadcast_to(array, shape).ravel()
+        return flat.at[index].set(values, mode="drop").reshape(shape)
+
+    return state._replace(
+        iteration=sub_state.iteration,
+        x=put(state.x, sub_state.x),
+        log_det=put(state.log_det, sub_state.log_det),
+        done=put(state.done, sub_state.done),
+    )
+
+
+def _run(state, y, params, options, max_iter):
+    """The batch loop, with its stragglers finished in a compact buffer."""
+    size = state.x.size
+    if size < _STRAGGLER_MIN_SIZE:
+        return _iterate(state, y, params, options, max_iter)
+    capacity = size // _STRAGGLER_SHARE
+    state = _iterate(state, y, params, options, max_iter, stop_below=capacity)
+    return lax.cond(
+        jnp.any(~state.done) & (state.iteration < max_iter),
+        lambda s: _finish_stragglers(s, y, params, options, max_iter, capacity),
+        lambda s: s,
+        state,
+    )
+
+
 def _solve_chunk(y, shared, options: SolverOptions):
     """`solve` on one chunk of the batch: its own loop, stopping on its own."""
     params, table = shared
@@ -359,19 +438,13 @@ def _solve_chunk(y, shared, options: SolverOptions):
     regular, x_far, log_det_far = inverse_far(y, params)
     y = jnp.where(regular, y, 0.0)
     state = _initial_state(y, params, table)
-
-    def run(state: _State, options: SolverOptions, max_iter: int) -> _State:
-        def keep_going(state: _State):
-            return (state.iteration < max_iter) & ~jnp.all(state.done)
-
-        return lax.while_loop(keep_going, lambda s: _step(s, y, params, options), state)
-
-    state = run(state, options, options.max_iter)
+    state = _run(state, y, params, options, options.max_iter)
     if options.root_finder == "newton":
         # Plain Newton can cycle or diverge. Never return its last iterate as if
         # it were a root: elements it left unconverged are finished by the
         # safeguarded solver inside the bracket Newton kept updating.
-        state = run(state, options._replace(root_finder="hybrid"), 2 * options.max_iter)
+        hybrid = options._replace(root_finder="hybrid")
+        state = _run(state, y, params, hybrid, 2 * options.max_iter)
     x = jnp.where(regular, state.x, x_far)
     return x, jnp.where(regular, -state.log_det, log_det_far), state.iteration
 
