@@ -25,10 +25,9 @@ def measure(k: int, n: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from scipy.special import ndtri
 
     from distrax_mixcdf import MixtureGaussianCDF
-
-    from scipy.special import ndtri
 
     # A KDE-style mixture, the large-K use: K equal-weight anchors at the
     # normal quantiles with Silverman's bandwidth, the same shape at every K.

@@ -180,8 +180,12 @@ def _log_det_conditioning(name: str, dtype) -> np.ndarray:
     if not name.endswith("log_det") and name != "chain":
         return np.zeros(inputs(name, dtype).shape)
     xs = inputs(name, dtype)
-    y = xs if name.startswith("inverse") else np.asarray(
-        _unbatched("forward")["value"](jnp.asarray(xs), params_as(dtype))
+    y = (
+        xs
+        if name.startswith("inverse")
+        else np.asarray(
+            _unbatched("forward")["value"](jnp.asarray(xs), params_as(dtype))
+        )
     )
     y = np.where(np.isfinite(y), y, 0.0).astype(np.float64)
     return 32 * np.finfo(dtype).eps * (1.0 + 2.0 * np.square(y))
@@ -206,9 +210,7 @@ def check(name: str, transform: str, dtype) -> None:
         np.testing.assert_array_equal(g[~finite], w[~finite])
         extra = np.reshape(conditioning, np.shape(conditioning) + (1,) * (w.ndim - 1))
         extra = np.broadcast_to(extra, w.shape)[finite] if w.ndim else extra
-        tolerance = (
-            rtol * np.abs(w[finite]) + floor * np.max(np.abs(w[finite])) + extra
-        )
+        tolerance = rtol * np.abs(w[finite]) + floor * np.max(np.abs(w[finite])) + extra
         np.testing.assert_array_less(
             np.abs(g[finite] - w[finite]), tolerance + 1e-30, err_msg=str((g, w))
         )
