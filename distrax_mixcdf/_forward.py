@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.scipy.special import ndtri
 
@@ -74,7 +75,7 @@ _Y_SENTINEL = 1e3
 
 
 def _batch_shape(x, params) -> tuple[int, ...]:
-    return tuple(jnp.broadcast_shapes(jnp.shape(x), params[0].shape[:-1]))
+    return tuple(np.broadcast_shapes(jnp.shape(x), params[0].shape[:-1]))
 
 
 # Around the side switch at y = 0 the smaller tail is taken from the

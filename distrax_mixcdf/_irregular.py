@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distrax_mixcdf import _chunks
 from distrax_mixcdf._components import fold
@@ -69,7 +70,7 @@ def forward_saturation(x, params):
     """
     _, means, _ = params
     threshold = saturation_threshold(x.dtype)
-    shape = jnp.broadcast_shapes(x.shape, means.shape[:-1])
+    shape = np.broadcast_shapes(x.shape, means.shape[:-1])
 
     def extremes(carry, log_weight, mean, log_scale):
         del log_weight
