@@ -93,7 +93,7 @@ class _State(NamedTuple):
 
 # The start table: roots at evenly spaced latent knots, per parameter set, with
 # their slopes dx/dy. A cubic Hermite interpolant between knots starts Newton
-# within ~1e-6 of the root (measured), so one or two steps finish. Built only when the
+# within ~1e-6 of the root, so one or two steps finish. Built only when the
 # parameters are shared by at least _TABLE_MIN_SHARING inputs each.
 _TABLE_KNOTS = 512
 _TABLE_HALF_RANGE = 7.0
