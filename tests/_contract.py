@@ -37,6 +37,27 @@ TRANSFORMS = (
     "jit_inside_vmap",
 )
 
+# Every map under every transformation in float32. The chain of three layers
+# and float64 (whose batching is the same program in another dtype) take the
+# transformations that exercise distinct code: both derivative modes, second
+# order, parameter gradients, and batched parameters.
+_DISTINCT = (
+    "vmap_grad",
+    "vmap_jacfwd",
+    "vmap_hessian",
+    "per_example_param_grad",
+    "param_grad_of_vmapped_loss",
+    "vmap_over_bijectors",
+)
+CELLS_FLOAT32 = [
+    (name, transform)
+    for name in MAPS
+    for transform in (_DISTINCT if name == "chain" else TRANSFORMS)
+]
+CELLS_FLOAT64 = [
+    (name, transform) for name in MAPS if name != "chain" for transform in _DISTINCT
+]
+
 # The mixture: three components of different widths.
 PARAMS = ([0.0, 0.0, 0.0], [-1.0, 0.0, 2.0], [0.0, -0.5, 0.3])
 
