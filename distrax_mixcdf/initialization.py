@@ -142,20 +142,10 @@ def initial_params(
     """
     _check_options(n_components, method, max_iter, tol, bandwidth, min_scale)
     columns, squeeze = _validated_columns(x, n_components)
-    dtype = columns.dtype
-    # Rule, bandwidth and floor are traced values, not static arguments, so
-    # changing them reuses the compiled fit. 0 stands for "no value given": the
-    # validated values are positive.
-    rule = _BANDWIDTH_RULES.index(bandwidth) if isinstance(bandwidth, str) else -1
-    logits, means, log_scales, log_likelihood, n_iter = _fit(
-        jnp.asarray(columns),
-        jnp.asarray(max_iter, jnp.int32),
-        jnp.asarray(tol, dtype),
-        jnp.asarray(rule, jnp.int32),
-        jnp.asarray(0.0 if isinstance(bandwidth, str) else bandwidth, dtype),
-        jnp.asarray(0.0 if min_scale is None else min_scale, dtype),
-        method=method,
-        n_components=int(n_components),
+    # 0 stands for "no floor given": the validated values are positive.
+    floors = np.full(columns.shape[0], 0.0 if min_scale is None else min_scale)
+    logits, means, log_scales, log_likelihood, n_iter = _fit_columns(
+        columns, n_components, method, floors, max_iter, tol, bandwidth
     )
     if squeeze:
         logits, means, log_scales = logits[0], means[0], log_scales[0]
@@ -167,6 +157,66 @@ def initial_params(
         log_likelihood=log_likelihood,
         n_iter=n_iter if method == "em" else 0,
     )
+
+
+def _fit_columns(columns, n_components, method, floors, max_iter, tol, bandwidth):
+    """Runs the compiled fit on checked ``[D, N]`` columns with ``[D]`` floors.
+
+    Rule, bandwidth and floors are traced values, not static arguments, so
+    changing them reuses the compiled fit.
+
+    A floor of 0 means "the default relative floor". No distinct-value check:
+    the greedy flows call this on latents whose tied values they handle with
+    their own floors.
+    """
+    dtype = columns.dtype
+    rule = _BANDWIDTH_RULES.index(bandwidth) if isinstance(bandwidth, str) else -1
+    return _fit(
+        jnp.asarray(columns),
+        jnp.asarray(max_iter, jnp.int32),
+        jnp.asarray(tol, dtype),
+        jnp.asarray(rule, jnp.int32),
+        jnp.asarray(0.0 if isinstance(bandwidth, str) else bandwidth, dtype),
+        jnp.asarray(floors, dtype),
+        method=method,
+        n_components=int(n_components),
+    )
+
+
+def _smoothing_floor(columns: np.ndarray, factor: float = 0.5) -> np.ndarray:
+    r"""A data-driven lower bound on component scales, one per column.
+
+    .. math::
+        \sigma_{\min,d} = \max\Big(c \cdot 1.06\,
+        \min\big(\hat\sigma_d, \mathrm{IQR}_d / 1.349\big)\, N^{-1/5},\
+        \delta_d\Big),
+
+    :math:`c` times a rule-of-thumb bandwidth with a robust spread (the sample
+    standard deviation if the IQR is 0), and at least the column's resolution
+    :math:`\delta_d`, the smallest gap between distinct values. Why: a
+    component narrower than the bandwidth that ``N`` points support, or than the
+    spacing of tied or rounded values, fits single points and gives held-out
+    points between them a vanishing density.
+
+    Args:
+      columns: Data ``[D, N]`` (NumPy, finite).
+      factor: :math:`c`.
+
+    Returns:
+      ``[D]`` floors in the columns' units (float64, positive).
+    """
+    x = np.asarray(columns, np.float64)
+    n = x.shape[1]
+    std = x.std(axis=1)
+    lower, upper = np.quantile(x, [0.25, 0.75], axis=1)
+    robust = np.minimum(std, (upper - lower) / 1.349)
+    spread = np.where(robust > 0, robust, std)
+    gaps = np.diff(np.sort(x, axis=1), axis=1)
+    resolution = np.min(np.where(gaps > 0, gaps, np.inf), axis=1, initial=np.inf)
+    resolution = np.where(np.isfinite(resolution), resolution, 0.0)
+    floor = np.maximum(factor * 1.06 * spread * n ** (-0.2), resolution)
+    # A constant column: any positive unit relative to its magnitude.
+    return np.where(floor > 0, floor, 1e-3 * (1.0 + np.abs(x[:, 0])))
 
 
 # -- validation (host side: the errors depend on the data's values) ---------------
@@ -625,6 +675,8 @@ def _fit(
 ):
     r"""All dimensions ``[D, N]`` at once: :func:`_fit_column` vmapped over ``D``.
 
+    ``min_scale`` is ``[D]``, one floor per dimension (0: the default floor).
+
     Under ``vmap`` the EM ``while_loop`` runs until every dimension has
     converged, but each dimension's state freezes once its own condition fails,
     so the result (and ``n_iter``) equals a per-column fit.
@@ -639,8 +691,7 @@ def _fit(
         tol=tol,
         rule=rule,
         bandwidth=bandwidth,
-        min_scale=min_scale,
         method=method,
         n_components=n_components,
     )
-    return jax.vmap(fit)(columns)
+    return jax.vmap(fit)(columns, min_scale=min_scale)

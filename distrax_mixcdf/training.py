@@ -220,7 +220,9 @@ class FitResult(NamedTuple):
         \text{val\_losses}[j] = L(\theta_{s_j}; \text{validation data}),
 
     with :math:`s_j` = ``val_steps[j]``, and ``model`` holds
-    :math:`\theta_{\text{best\_step}}`.
+    :math:`\theta_{\text{best\_step}}`. So ``losses`` plotted against
+    :attr:`train_steps` and ``val_losses`` against ``val_steps`` share one step
+    axis; :meth:`plot` draws both.
 
     Attributes:
       model: The trained model, the same type and structure as the ``model``
@@ -247,6 +249,63 @@ class FitResult(NamedTuple):
     val_steps: np.ndarray
     best_step: int
     skipped_steps: int
+
+    @property
+    def train_steps(self) -> np.ndarray:
+        """``np.arange(len(losses))``: the step :math:`t` of each training loss."""
+        return np.arange(len(self.losses))
+
+    @property
+    def best_val_loss(self) -> float:
+        """The validation loss of ``model`` (NaN without validation data).
+
+        With ``restore_best`` this is ``val_losses.min()``, never above
+        ``val_losses[0]``, the initial model's.
+        """
+        where = np.flatnonzero(self.val_steps == self.best_step)
+        return float(self.val_losses[where[-1]]) if where.size else float("nan")
+
+    def plot(self, ax: Any = None, *, smooth: int | None = None) -> Any:
+        r"""Plots the training and validation loss curves (needs matplotlib).
+
+        Draws ``losses`` against :attr:`train_steps` (faint), their running
+        mean over ``smooth`` steps (default: about 1/50 of the run, at least
+        1), ``val_losses`` against ``val_steps`` with markers, and a vertical
+        line at ``best_step``, the step whose parameters ``model`` holds.
+
+        Args:
+          ax: A matplotlib ``Axes``; default ``plt.gca()``.
+          smooth: Window of the running mean of the (minibatch) training loss.
+
+        Returns:
+          The ``Axes``.
+        """
+        import matplotlib.pyplot as plt
+
+        ax = plt.gca() if ax is None else ax
+        steps, losses = self.train_steps, self.losses
+        window = max(1, len(losses) // 50) if smooth is None else max(1, int(smooth))
+        if len(losses):
+            ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8)
+            if window > 1 and len(losses) >= window:
+                mean = np.convolve(losses, np.ones(window) / window, mode="valid")
+                ax.plot(steps[window - 1 :], mean, color="tab:blue", label="training")
+            else:
+                ax.lines[-1].set(alpha=1.0, label="training")
+        if len(self.val_losses):
+            ax.plot(
+                self.val_steps,
+                self.val_losses,
+                "o-",
+                ms=3,
+                color="tab:orange",
+                label="validation",
+            )
+            ax.axvline(self.best_step, color="0.5", ls=":", label="best (returned)")
+        ax.set(xlabel="step", ylabel="loss")
+        if ax.get_legend_handles_labels()[0]:  # nothing to label after 0 steps
+            ax.legend()
+        return ax
 
 
 def _is_floating_array(leaf: Any) -> bool:
@@ -578,10 +637,14 @@ def fit(
     array with ``jax.make_array_from_process_local_data``.
 
     With ``validation_data``, the loss on all of it (one batch) is evaluated
-    before training and every ``eval_every`` steps (and after the last step);
-    training stops early after ``patience`` evaluations in a row without a
-    strictly lower validation loss, and the parameters of the best evaluation
-    are returned.
+    before training (step 0, the model as passed in) and every ``eval_every``
+    steps (and after the last step); training stops early after ``patience``
+    evaluations in a row without a strictly lower validation loss, and the
+    parameters of the best evaluation are returned. The initial model takes
+    part: if no step beats it on validation (a good greedy start on a few
+    hundred rows, say), it is returned unchanged, so with ``restore_best``
+    fine-tuning never raises the validation loss. The progress bar shows the
+    latest and the best validation loss; ``FitResult.plot`` draws the curves.
 
     Args:
       model: A distrax/TFP distribution (anything with ``.log_prob``), a distrax
@@ -601,8 +664,8 @@ def fit(
       loss_fn: ``loss_fn(model, batch) -> scalar`` replacing the mean NLL;
         ``model`` is rebuilt with traced parameters, so it is the same type as
         the ``model`` passed in.
-      show_progress: Show a tqdm progress bar with the current (and validation)
-        loss; ``False`` prints nothing.
+      show_progress: Show a tqdm progress bar with the current training loss
+        and the latest and best validation loss; ``False`` prints nothing.
       event_shape: Event shape of a bijector model's flow; default
         ``data.shape[1:]``.
       restore_best: With validation data, return the best-validation parameters
@@ -733,6 +796,7 @@ def fit(
         else:
             since_best += 1
         postfix["val"] = f"{value:.4g}"
+        postfix["best"] = f"{best[0]:.4g}@{best[1]}"
         return patience is not None and since_best >= patience
 
     step_count = 0

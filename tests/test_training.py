@@ -469,7 +469,52 @@ def test_fit_show_progress(capsys):
     err = capsys.readouterr().err
     assert "loss=" in err
     assert "val=" in err
+    assert "best=" in err  # the best validation loss and its step
     assert "3/3" in err
+
+
+def test_fit_returns_the_initial_model_when_no_step_beats_it():
+    # Start at the validation data's MLE: every step towards the training data
+    # raises the validation loss, so the model passed in (step 0) is returned.
+    rng = np.random.default_rng(5)
+    train = (3.0 + rng.normal(size=128)).astype(np.float32)
+    val = rng.normal(size=64).astype(np.float32)
+    start = distrax.Normal(jnp.asarray(val.mean()), jnp.asarray(val.std()))
+    result = fit(
+        start, train, steps=40, validation_data=val, eval_every=10, show_progress=False
+    )
+    assert result.best_step == 0
+    assert float(result.model.loc) == float(start.loc)
+    assert float(result.model.scale) == float(start.scale)
+    assert result.best_val_loss == result.val_losses[0] < result.val_losses[1:].min()
+    np.testing.assert_array_equal(result.val_steps, [0, 10, 20, 30, 40])
+
+
+def test_fit_result_curves_and_plot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.linspace(-1, 1, 32, dtype=np.float32)
+    model = distrax.Normal(jnp.zeros(()), jnp.ones(()))
+    result = fit(
+        model, x, steps=30, validation_data=x, eval_every=10, show_progress=False
+    )
+    np.testing.assert_array_equal(result.train_steps, np.arange(30))
+    assert result.best_val_loss == result.val_losses.min()
+    fig, ax = plt.subplots()
+    assert result.plot(ax) is ax
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert {"training", "validation", "best (returned)"} <= set(labels)
+    plt.close(fig)
+    # Without validation data: only the training curve, and no best loss.
+    plain = fit(model, x, steps=5, show_progress=False)
+    assert np.isnan(plain.best_val_loss)
+    fig, ax = plt.subplots()
+    plain.plot(ax)
+    assert [line.get_label() for line in ax.get_lines()] == ["training"]
+    plt.close(fig)
 
 
 def test_fit_rejects_bad_arguments():

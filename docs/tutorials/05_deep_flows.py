@@ -22,8 +22,9 @@
 #   \qquad \log|\det R_l| = 0 .
 #   $$
 #   `gaussianization_flow(data, num_layers, K)` builds it greedily (fit the
-#   marginals of the current latent, rotate, repeat: no gradients), and
-#   `fit` then fine-tunes every layer jointly by maximum likelihood.
+#   marginals of the current latent, rotate, repeat: no gradients; leave
+#   `num_layers` out and held-out rows choose the depth), and `fit` then
+#   fine-tunes every layer jointly by maximum likelihood.
 # - **Coupling flow** (Flow++-style): each layer keeps some coordinates
 #   $x_m$ and transforms the others with a mixture CDF whose parameters an MLP
 #   computes from $x_m$,
@@ -32,7 +33,8 @@
 #   \Phi\Big(\frac{x_{\bar m}-\mu_k(x_m)}{\sigma_k(x_m)}\Big)\Big),
 #   \qquad y_m = x_m .
 #   $$
-#   `coupling_flow(key, D, ...)` builds it; `fit` trains it.
+#   `coupling_flow(key, D, data=...)` builds it, after a short greedy
+#   Gaussianization of the data (its *stem*); `fit` trains it.
 #
 # Both are pytrees whose leaves are exactly their trainable arrays, map data
 # to latent in closed form (`log_prob`), and sample through the layers' root
@@ -135,9 +137,10 @@ for name, (flow, seconds) in results.items():
 # The greedy RBIG initialisation is already a density model, built without a
 # single gradient; joint maximum-likelihood fine-tuning of all its layers
 # lowers the test NLL with the same parameters. The coupling flow has many
-# more parameters (its MLP conditioners) and starts near the identity, so how
-# it compares depends on the training budget: `STEPS` is 2000 in the full
-# run and 50 in the quick one CI executes, where it is still undertrained.
+# more parameters (its MLP conditioners); it starts from its greedy stem with
+# the couplings near the identity, so how it compares depends on the training
+# budget: `STEPS` is 2000 in the full run and 50 in the quick one CI
+# executes, where it is still undertrained.
 
 # %%
 lin = np.linspace(-2.5, 2.5, GRID, dtype=np.float32)
@@ -192,7 +195,7 @@ print(f"latent mean {latent.mean(0).round(3)}, covariance\n{np.cov(latent.T).rou
 # | | Gaussianization flow | coupling flow |
 # |---|---|---|
 # | build | `gaussianization_flow(data, L, K)`: greedy, no gradients | `coupling_flow(key, D, ...)` |
-# | train | `dm.fit(flow, data, ...)`: all marginals and Householder rotations | `dm.fit`: MLP weights (and the optional marginal) |
+# | train | `dm.fit(flow, data, ...)`: all marginals and Householder rotations | `dm.fit`: MLP weights and the greedy stem |
 # | `log_prob` | closed form, one `lax.scan` over the layers | closed form |
 # | `sample` | one root find per marginal layer | one root find per coupling layer |
 #
