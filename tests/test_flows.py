@@ -141,12 +141,12 @@ def test_greedy_init_beats_standard_normal_and_fine_tuning_beats_greedy(flows):
     log_prob = jax.jit(lambda f, x: f.log_prob(x))
     normal_nll = -np.mean(jax.scipy.stats.norm.logpdf(TEST).sum(-1))
     greedy_nll = -np.mean(log_prob(gf, TEST))
-    # Measured: N(0, I) 4.26, greedy 3.47 nats (margin 0.79).
+    # The margin asserted is well inside what the greedy start gains here.
     print(f"N(0, I) {normal_nll:.3f}, greedy {greedy_nll:.3f}")
     assert greedy_nll < normal_nll - 0.3
     result = fit(gf, TRAIN, optax.adam(1e-2), steps=60, show_progress=False)
     tuned_nll = -np.mean(log_prob(result.model, TEST))
-    # Measured: 3.47 -> 3.32 nats after 60 full-batch steps (gain 0.15).
+    # Fine-tuning must add a clear gain on top of the greedy start.
     print(f"tuned {tuned_nll:.3f}")
     assert tuned_nll < greedy_nll - 0.1
     assert result.skipped_steps == 0
