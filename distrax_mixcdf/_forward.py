@@ -44,6 +44,7 @@ from distrax_mixcdf._gaussian import (
 __all__ = [
     "cdf_bracket",
     "forward_primal",
+    "forward_with_curvature",
     "log_density",
     "log_det_slope",
     "quantile_average",
@@ -166,61 +167,29 @@ def _latent_from_signed_tail(signed_tail):
 
 
 def _log_density_term(x, log_weight, mean, log_scale):
-    """``log w_k - log σ_k - z_k²/2``: one component's log-density + log √(2π)."""
-    z = (x - mean) * jnp.exp(-log_scale)
-    return log_weight - log_scale - 0.5 * jnp.square(z)
+    """``(log w_k - log σ_k - z_k²/2, z_k/σ_k)``: a component's log-density + log √(2π).
+
+    ``1/σ²`` is its own ``exp``, not the square of the bulk pass's ``1/σ``:
+    XLA would otherwise materialise the shared ``1/σ_k`` as one array per
+    component when the parameters are per element.
+    """
+    inv_variance = jnp.exp(-2.0 * log_scale)
+    offset = x - mean
+    term = log_weight - log_scale - 0.5 * (jnp.square(offset) * inv_variance)
+    return term, offset * inv_variance
 
 
-def _largest_term(x, params, shape):
-    """``max_k`` of `_log_density_term`, as a finite shift (0 where all are -inf)."""
-    largest = fold(
-        lambda m, *component: jnp.maximum(m, _log_density_term(x, *component)),
-        jnp.asarray(-jnp.inf, x.dtype),
-        params,
-        shape,
-    )
-    return jnp.where(jnp.isfinite(largest), largest, 0.0)
+def _log_density_sums(x, params, with_slope):
+    r"""``log f(x) + log √(2π)`` and, optionally, ``Σ_k ρ_k z_k/σ_k``.
 
-
-def log_density(x: jax.Array, params: Params) -> jax.Array:
-    """``log f(x) + log √(2π)`` by a max-shifted logsumexp over the components.
-
-    The shift keeps ``log f`` exact between far-apart components, where ``f``
-    itself underflows while ``y`` may still be in the bulk.
+    A logsumexp shifted by the largest term keeps ``log f`` exact between
+    far-apart components, where ``f`` itself underflows while ``y`` may still
+    be in the bulk. The shift comes from the same rounded terms it shifts: at
+    ``|z| ~ 1e9`` two formulas for ``z²`` differ by far more than 1.
     """
     shape = _batch_shape(x, params)
-    shift = _largest_term(x, params, shape)
-    total = fold(
-        lambda t, *component: t + jnp.exp(_log_density_term(x, *component) - shift),
-        jnp.zeros((), x.dtype),
-        params,
-        shape,
-    )
-    return shift + jnp.log(total)
-
-
-def log_det_slope(x: jax.Array, params: Params, y: jax.Array, log_det: jax.Array):
-    r"""Curvature ``d log T'(x)/dx = T''/T'`` of the forward map.
-
-    .. math:: \frac{d}{dx}\big(\log f(x) - \log\varphi(y)\big)
-              = -\sum_k r_k \frac{z_k}{\sigma_k} + y\,e^{\text{log\_det}},
-        \qquad r_k \propto w_k \varphi(z_k)/\sigma_k .
-
-    The root finder predicts the error left after a Newton step from it, and
-    carries the log-det along the step.
-    """
-    shape = _batch_shape(x, params)
-
-    def term_and_slope(log_weight, mean, log_scale):
-        inv_variance = jnp.exp(-2.0 * log_scale)
-        offset = x - mean
-        term = log_weight - log_scale - 0.5 * (jnp.square(offset) * inv_variance)
-        return term, offset * inv_variance
-
-    # The shift must round exactly like the terms it shifts: at |z| ~ 1e9 two
-    # formulas for z² differ by far more than 1, and exp(term - shift) overflows.
     largest = fold(
-        lambda m, *component: jnp.maximum(m, term_and_slope(*component)[0]),
+        lambda m, *component: jnp.maximum(m, _log_density_term(x, *component)[0]),
         jnp.asarray(-jnp.inf, x.dtype),
         params,
         shape,
@@ -229,13 +198,20 @@ def log_det_slope(x: jax.Array, params: Params, y: jax.Array, log_det: jax.Array
 
     def add_component(sums, *component):
         total, weighted = sums
-        term, slope = term_and_slope(*component)
+        term, slope = _log_density_term(x, *component)
         responsibility = jnp.exp(term - shift)
-        return total + responsibility, weighted + responsibility * slope
+        if with_slope:
+            weighted = weighted + responsibility * slope
+        return total + responsibility, weighted
 
     zero = jnp.zeros((), x.dtype)
     total, weighted = fold(add_component, (zero, zero), params, shape)
-    return y * jnp.exp(log_det) - weighted / total
+    return shift + jnp.log(total), weighted / total
+
+
+def log_density(x: jax.Array, params: Params) -> jax.Array:
+    """``log f(x) + log √(2π)``, exact between far-apart components."""
+    return _log_density_sums(x, params, with_slope=False)[0]
 
 
 def _tail_pass(x, params, upper_side):
@@ -349,20 +325,47 @@ def _tail_pass_in_chunks(y, log_det, x, params, needs_tail):
     return y_out.reshape(batch_shape), log_det_out.reshape(batch_shape)
 
 
-def _forward_canonical(x, params):
+def log_det_slope(x: jax.Array, params: Params, y: jax.Array, log_det: jax.Array):
+    r"""Curvature ``d log T'(x)/dx = T''/T'`` of the forward map.
+
+    .. math:: \frac{d}{dx}\big(\log f(x) - \log\varphi(y)\big)
+              = -\sum_k r_k \frac{z_k}{\sigma_k} + y\,e^{\text{log\_det}},
+        \qquad r_k \propto w_k \varphi(z_k)/\sigma_k .
+
+    Differentiable; the root finder's own loop takes it from
+    `forward_with_curvature` instead, in the same pass as the forward.
+    """
+    return y * jnp.exp(log_det) - _log_density_sums(x, params, with_slope=True)[1]
+
+
+def _forward_canonical(x, params, with_slope=False):
     """The forward on the canonical ``[rows, lanes]`` layout (`_chunks.canonical`)."""
     signed_tail = _bulk_signed_tail(x, params)
     # The component loop and `ndtri` in separate kernels: fused together they
     # exceed XLA's fusion size and it splits the loop per component.
     signed_tail = lax.optimization_barrier(signed_tail)
     y_bulk = _latent_from_signed_tail(signed_tail)
-    log_det_bulk = log_density(x, params) + 0.5 * jnp.square(y_bulk)
+    log_f, weighted_slope = _log_density_sums(x, params, with_slope)
+    log_det_bulk = log_f + 0.5 * jnp.square(y_bulk)
     needs_tail = jnp.abs(y_bulk) >= _Y_SENTINEL
-    return lax.cond(
+    y, log_det = lax.cond(
         jnp.any(needs_tail),
         lambda: _tail_pass_in_chunks(y_bulk, log_det_bulk, x, params, needs_tail),
         lambda: (y_bulk, log_det_bulk),
     )
+    if with_slope:
+        return y, log_det, y * jnp.exp(log_det) - weighted_slope
+    return y, log_det
+
+
+def forward_with_curvature(x: jax.Array, params: Params):
+    r"""``(y, log T'(x), T''/T')`` in the passes of the forward alone (no derivatives).
+
+    For the root finder's Newton steps; see `log_det_slope` for the formula.
+    ``x`` and ``params`` must already be in the canonical layout
+    (`_chunks.canonical`), as inside the solver's chunks.
+    """
+    return _forward_canonical(x, params, with_slope=True)
 
 
 @_chunks.vmap_as_batch

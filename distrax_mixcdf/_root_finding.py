@@ -39,11 +39,12 @@ from jax import lax
 from distrax_mixcdf import _chunks
 from distrax_mixcdf._forward import (
     cdf_bracket,
+    forward_with_curvature,
     gather_rows,
     log_det_slope,
     quantile_average,
 )
-from distrax_mixcdf._irregular import inverse_far
+from distrax_mixcdf._irregular import inverse_far, inverse_reach
 from distrax_mixcdf._tangents import forward_and_log_det, tangents_at
 
 __all__ = [
@@ -208,12 +209,29 @@ def _initial_state(y: jax.Array, params: Params, table) -> _State:
     )
 
 
-def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
-    """One iteration of the chosen solver on the whole batch."""
+def _evaluate(x, params, differentiable):
+    """``(T(x), log T'(x), T''/T')``: one fused primal pass, or differentiable."""
+    if not differentiable:
+        return forward_with_curvature(x, params)
+    y, log_det = forward_and_log_det(x, params)
+    return y, log_det, log_det_slope(x, params, y, log_det)
+
+
+def _step(
+    state: _State,
+    y: jax.Array,
+    params: Params,
+    options: SolverOptions,
+    differentiable: bool = False,
+):
+    """One iteration of the chosen solver on the whole batch.
+
+    ``differentiable`` makes the step differentiable by unrolling (for
+    ``inverse_grad="unrolled"``); the default evaluates values only.
+    """
     x = state.x
     tol = _tolerance(options, x.dtype)
-    y_at_x, log_det = forward_and_log_det(x, params)
-    curvature = log_det_slope(x, params, y_at_x, log_det)
+    y_at_x, log_det, curvature = _evaluate(x, params, differentiable)
     # Materialise the three expensive per-element results once: without the
     # barrier XLA fuses the component loops into each of the state updates below
     # and evaluates them several times per iteration.
@@ -264,6 +282,18 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
                 & (jnp.abs(newton_step) <= 0.5 * jnp.abs(state.step_before_last))
             )
         x_next = jnp.where(take_newton, newton, midpoint)
+        # Halley's step, the Newton step corrected by the curvature already at
+        # hand, converges cubically. It only moves iterates that are not yet
+        # converged: every decision to stop is still made on a Newton step.
+        halley_factor = 0.5 * curvature * newton_step
+        halley = x + newton_step / (1.0 + halley_factor)
+        use_halley = (
+            (options.root_finder == "hybrid")
+            & take_newton
+            & (jnp.abs(halley_factor) <= 0.5)
+            & (halley > lower)
+            & (halley < upper)
+        )
         # After a Newton step δ the error left is about |c(ξ)| δ²/2, c = T''/T'
         # somewhere along the step. c itself varies on the scale of the
         # narrowest component (|c'| ≲ 1/σ_min²), so bound |c(ξ)| by
@@ -291,6 +321,8 @@ def _step(state: _State, y: jax.Array, params: Params, options: SolverOptions):
     # A bracket collapsed to a few floats pins the root whatever T does inside.
     bracket_collapsed = (upper - lower) <= 2.0 * x_resolution
     converged_by_step = converged
+    if options.root_finder != "bisection":
+        x_next = jnp.where(use_halley & ~converged, halley, x_next)
     converged = converged | close_enough | bracket_collapsed
     # Stopping on the bracket alone returns the point just evaluated: its
     # log-det is exact, where carrying it along a step is not guaranteed.
@@ -435,18 +467,32 @@ def _solve_chunk(y, shared, options: SolverOptions):
     """`solve` on one chunk of the batch: its own loop, stopping on its own."""
     params, table = shared
     # NaN, ±inf and saturated y are solved at 0 and then replaced (`_irregular`).
-    regular, x_far, log_det_far = inverse_far(y, params)
-    y = jnp.where(regular, y, 0.0)
-    state = _initial_state(y, params, table)
-    state = _run(state, y, params, options, options.max_iter)
+    # NaN compares False, so it is irregular too.
+    regular = jnp.abs(y) <= inverse_reach(params)
+    y_regular = jnp.where(regular, y, 0.0)
+    state = _initial_state(y_regular, params, table)
+    state = _run(state, y_regular, params, options, options.max_iter)
     if options.root_finder == "newton":
         # Plain Newton can cycle or diverge. Never return its last iterate as if
         # it were a root: elements it left unconverged are finished by the
         # safeguarded solver inside the bracket Newton kept updating.
         hybrid = options._replace(root_finder="hybrid")
-        state = _run(state, y, params, hybrid, 2 * options.max_iter)
-    x = jnp.where(regular, state.x, x_far)
-    return x, jnp.where(regular, -state.log_det, log_det_far), state.iteration
+        state = _run(state, y_regular, params, hybrid, 2 * options.max_iter)
+
+    def replace_irregular(x, log_det):
+        # Per-element parameters make the closed forms cost a pass over [N, K]:
+        # run them only where the chunk has an irregular element.
+        _, x_far, log_det_far = inverse_far(y, params)
+        return jnp.where(regular, x, x_far), jnp.where(regular, log_det, log_det_far)
+
+    x, log_det = lax.cond(
+        jnp.all(regular),
+        lambda x, log_det: (x, log_det),
+        replace_irregular,
+        state.x,
+        -state.log_det,
+    )
+    return x, log_det, state.iteration
 
 
 def _unrolled_solve(y: jax.Array, params: Params, options: SolverOptions):
@@ -457,7 +503,7 @@ def _unrolled_solve(y: jax.Array, params: Params, options: SolverOptions):
     state = _initial_state(y, params, table)
     state = state._replace(x=lax.stop_gradient(state.x))
     state, _ = lax.scan(
-        lambda s, _: (_step(s, y, params, options), None),
+        lambda s, _: (_step(s, y, params, options, differentiable=True), None),
         state,
         None,
         length=options.max_iter,

@@ -122,9 +122,10 @@ def _broadcast_tangent(tangent: jax.Array, batch_shape) -> jax.Array:
 class Mixture(NamedTuple):
     """The per-component arrays ``[..., K]`` the tangent rule reads.
 
-    Formed once per call, outside the chunk loop: inside it (behind the remat
-    barrier, which XLA does not hoist across) each component's constants
-    would run as tiny kernels of their own in every chunk.
+    For parameters shared by many lanes, formed once per call, outside the
+    chunk loop: inside it (behind the remat barrier, which XLA does not hoist
+    across) each component's constants would run as tiny kernels of their own
+    in every chunk. Per-element parameters form it chunk by chunk instead.
     """
 
     log_weights: jax.Array
@@ -312,10 +313,12 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     x, params, layout = _chunks.canonical(jnp.broadcast_to(x, shape), params)
     y, log_det, known_dot = (layout.arrange(v) for v in (y, log_det, known_dot))
     params_dot = tuple(layout.arrange_params(p) for p in params_dot)
-    mixture = mixture_arrays(params)
     elements = _chunks.chunk_elements("tangents", params[0].shape[-1])
-
     rows, lanes = x.shape
+    # Per-element parameters: each chunk forms its own `Mixture` from its slice,
+    # in cache, instead of reading six [N, K] arrays formed beforehand.
+    mixture = params if _chunks.has_lanes(params[0], lanes) else mixture_arrays(params)
+
     target = None if elements is None else max(1, elements // rows)
     spread = params_dot
     if target is not None and lanes >= 2 * target:
@@ -347,6 +350,8 @@ def _chunk_tangents(x, y, log_det, known_dot, shared, solve_for):
     saved.
     """
     mixture, params_dot, given_params_dot = shared
+    if not isinstance(mixture, Mixture):
+        mixture = mixture_arrays(mixture)
     per = "latent" if solve_for == "y" else "density"
     if solve_for == "x":
         # NaN, ±inf and saturated y: the rule runs at a finite stand-in there.

@@ -403,7 +403,10 @@ def test_training_on_outliers_and_heavy_tails_never_takes_a_bad_step(dataset):
 def test_map_in_chunks_matches_one_call_and_writes_to_memmaps(tmp_path):
     layer = _policy_layer()
     x = np.random.default_rng(8).normal(size=N).astype(DTYPE) * 4
-    y, log_det = (np.asarray(v) for v in _checks.forward(layer, jnp.asarray(x)))
+    # The same function as map_in_chunks compiles (parameters as constants):
+    # with traced parameters XLA rounds exp(log σ) differently, by an ulp of log f.
+    one_call = jax.jit(layer.forward_and_log_det)
+    y, log_det = (np.asarray(v) for v in one_call(jnp.asarray(x)))
     # 512 rows in chunks of 200: two full chunks and a padded one.
     disk_x = np.memmap(tmp_path / "x.f32", DTYPE, mode="w+", shape=(N,))
     disk_x[:] = x
