@@ -9,8 +9,11 @@ Public API:
 * :func:`initial_params` / :class:`InitialParams` -- quantile, EM and KDE
   initialisation (also ``MixtureGaussianCDF.from_data``).
 * :func:`gaussianization_flow` / :class:`GaussianizationFlow`,
-  :func:`coupling_flow` / :class:`CouplingFlow` -- deep flows built from the
-  layer, with the :class:`Householder` and :class:`FixedRotation` rotations.
+  :func:`coupling_flow` / :class:`CouplingFlow`,
+  :func:`autoregressive_flow` / :class:`AutoregressiveFlow` -- deep flows
+  built from the layer (conditional ones with ``context_dim``), sharing the
+  :class:`Flow` API, with the :class:`Householder` and :class:`FixedRotation`
+  rotations.
 * :func:`save_checkpoint` / :func:`load_checkpoint` -- atomic, pickle-free
   ``.npz`` checkpoints; :func:`map_in_chunks` -- evaluation of inputs larger
   than memory.
@@ -28,18 +31,21 @@ from distrax_mixcdf.checkpoint import CheckpointError as CheckpointError
 from distrax_mixcdf.checkpoint import load_checkpoint as load_checkpoint
 from distrax_mixcdf.checkpoint import save_checkpoint as save_checkpoint
 from distrax_mixcdf.chunking import map_in_chunks as map_in_chunks
+from distrax_mixcdf.flows import AutoregressiveFlow as AutoregressiveFlow
 from distrax_mixcdf.flows import CouplingFlow as CouplingFlow
+from distrax_mixcdf.flows import FixedRotation as FixedRotation
+from distrax_mixcdf.flows import Flow as Flow
 from distrax_mixcdf.flows import GaussianizationFlow as GaussianizationFlow
+from distrax_mixcdf.flows import Householder as Householder
+from distrax_mixcdf.flows import autoregressive_flow as autoregressive_flow
 from distrax_mixcdf.flows import coupling_flow as coupling_flow
 from distrax_mixcdf.flows import gaussianization_flow as gaussianization_flow
+from distrax_mixcdf.flows import normalizing_flow as normalizing_flow
 from distrax_mixcdf.initialization import InitialParams as InitialParams
 from distrax_mixcdf.initialization import initial_params as initial_params
 from distrax_mixcdf.mixture_cdf import MixtureGaussianCDF as MixtureGaussianCDF
-from distrax_mixcdf.rotations import FixedRotation as FixedRotation
-from distrax_mixcdf.rotations import Householder as Householder
 from distrax_mixcdf.training import FitResult as FitResult
 from distrax_mixcdf.training import fit as fit
-from distrax_mixcdf.training import normalizing_flow as normalizing_flow
 
 try:
     __version__ = version("distrax-mixcdf")
@@ -47,16 +53,19 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "AutoregressiveFlow",
     "Checkpoint",
     "CheckpointError",
     "CouplingFlow",
     "FitResult",
     "FixedRotation",
+    "Flow",
     "GaussianizationFlow",
     "Householder",
     "InitialParams",
     "MixtureGaussianCDF",
     "__version__",
+    "autoregressive_flow",
     "coupling_flow",
     "fit",
     "gaussianization_flow",

@@ -1,15 +1,11 @@
 r"""Maximum-likelihood training of flows and distributions built on the bijector.
 
-Two public entry points:
-
-* :func:`normalizing_flow` turns a Gaussianizing bijector (data → latent, like
-  :class:`~distrax_mixcdf.MixtureGaussianCDF`) into a density model
-  ``distrax.Transformed(N(0, I), distrax.Inverse(bijector))``, so that
-  ``log_prob`` runs the cheap closed-form forward and ``sample`` the root find.
-* :func:`fit` minimises the mean negative log-likelihood of any model pytree
-  (a distribution, a bijector or stack of bijectors, or a raw parameter pytree
-  with a custom loss) with optax, with minibatches, validation, early stopping,
-  restore-best and skipping of non-finite steps. It returns a :class:`FitResult`.
+:func:`fit` minimises the mean negative log-likelihood of any model pytree (a
+flow, conditional ones with a ``context``; a distribution; a bijector or stack
+of bijectors, through :func:`~distrax_mixcdf.normalizing_flow`; or a raw
+parameter pytree with a custom loss) with optax, with minibatches, validation,
+early stopping, restore-best and skipping of non-finite steps. It returns a
+:class:`FitResult`.
 
 How ``fit`` finds the parameters: the model is flattened with
 ``jax.tree_util.tree_flatten``; every floating-point array leaf is trained and
@@ -22,12 +18,6 @@ the rebuild fails (distrax issue #193). Callables stored on distrax objects
 static metadata there, so their weights are invisible to ``fit``: hold trainable
 arrays as leaves, or pass a parameter pytree as the model and build the flow
 inside ``loss_fn``.
-
-What you may change: the progress display, the default ``eval_every``, how
-minibatches are drawn, as long as `tests/test_training.py` stays green. Keep the
-leaf rule above, the skip-on-non-finite contract (a skipped step changes neither
-the parameters nor the optimizer state) and the :class:`FitResult` fields: they
-are the public contract.
 """
 
 from __future__ import annotations
@@ -37,16 +27,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tensorflow_probability.substrates import jax as tfp
 
-__all__ = ["FitResult", "fit", "normalizing_flow"]
+from distrax_mixcdf._validation import (
+    check_event_shape,
+    is_bijector,
+    is_bijector_stack,
+)
+from distrax_mixcdf.flows.base import Flow, normalizing_flow
 
-_TFP_BIJECTOR = tfp.bijectors.Bijector
+__all__ = ["FitResult", "fit"]
 
 # Minimum seconds between progress-bar refreshes: reading the loss forces a
 # host-device sync, which we do not want on every step.
@@ -54,156 +47,6 @@ _PROGRESS_INTERVAL_S = 0.1
 
 # Module-level, so that `fit` calls without an optimizer share compiled steps.
 _DEFAULT_OPTIMIZER = optax.adam(1e-2)
-
-
-# -- normalizing_flow ----------------------------------------------------------------
-
-
-def _is_bijector(obj: Any) -> bool:
-    return isinstance(obj, (distrax.Bijector, _TFP_BIJECTOR))
-
-
-def _is_bijector_stack(obj: Any) -> bool:
-    return (
-        isinstance(obj, (list, tuple))
-        and len(obj) > 0
-        and all(_is_bijector(b) for b in obj)
-    )
-
-
-def _floating_dtype(tree: Any) -> Any:
-    """The promoted dtype of the floating leaves (the default float if none)."""
-    dtypes = [
-        jnp.asarray(leaf).dtype
-        for leaf in jax.tree_util.tree_leaves(tree)
-        if _is_floating_array(leaf)
-    ]
-    return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
-
-
-def _validated_event_shape(event_shape: Any, argument: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(event_shape)
-        valid = all(
-            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
-            for n in shape
-        )
-    except TypeError:
-        valid = False
-    if not valid:
-        raise ValueError(
-            f"`{argument}` must be a tuple of positive ints, e.g. () or (D,), "
-            f"got {event_shape!r}."
-        )
-    return tuple(int(n) for n in shape)
-
-
-def _lifted(bijector: distrax.Bijector, rank: int, index: str) -> distrax.Bijector:
-    """Lifts an elementwise bijector to ``rank`` event axes; checks the others."""
-    n_in, n_out = bijector.event_ndims_in, bijector.event_ndims_out
-    if n_in == n_out == 0 and rank > 0:
-        return distrax.Block(bijector, rank)
-    if n_in != rank or n_out != rank:
-        raise ValueError(
-            f"`bijector`{index} acts on events of rank event_ndims_in={n_in}, "
-            f"event_ndims_out={n_out}, which does not fit event_shape of rank "
-            f"{rank}; only elementwise (rank-0) bijectors are lifted with "
-            "`distrax.Block`."
-        )
-    return bijector
-
-
-def normalizing_flow(
-    bijector: Any, event_shape: Sequence[int] = ()
-) -> distrax.Transformed:
-    r"""The density model whose Gaussianizing map (data → latent) is ``bijector``.
-
-    With ``T`` the bijector's forward (``y = T(x)``, data to latent) and a
-    standard-normal base of shape ``event_shape``,
-
-    .. math::
-        \log p(x) = \log \mathcal{N}\big(T(x); 0, I\big)
-            + \log\Big|\det \frac{\partial T}{\partial x}\Big|,
-        \qquad x = T^{-1}(z),\ z \sim \mathcal{N}(0, I).
-
-    This is ``distrax.Transformed(base, distrax.Inverse(bijector))``: distrax
-    samples through the bijector's forward and scores through its inverse, and
-    ``Inverse`` swaps the two, so ``log_prob`` uses the closed-form ``T`` and
-    ``sample`` the root find ``T⁻¹``.
-
-    The base is ``distrax.Normal(0, 1)`` for ``event_shape == ()``,
-    ``distrax.MultivariateNormalDiag`` for ``(D,)`` and an ``Independent``
-    normal for higher ranks, in the bijector's floating dtype. An elementwise
-    bijector (``event_ndims_in == event_ndims_out == 0``) is lifted to the event
-    rank with ``distrax.Block``, so ``[D, K]`` mixture parameters on ``(D,)``
-    events give a joint density with ``log_prob`` of shape ``[N]`` on ``[N, D]``.
-    With ``event_shape == ()`` such parameters are instead a *batch* of ``D``
-    scalar flows (``log_prob`` of shape ``[N, D]``).
-
-    Args:
-      bijector: A distrax or TFP bijector, or a non-empty list/tuple of them,
-        composed as ``distrax.Chain`` (the last element is applied first to
-        data); elementwise members are lifted one by one.
-      event_shape: Shape of one data point, ``()`` or ``(D,)`` (higher ranks
-        work the same way).
-
-    Returns:
-      The ``distrax.Transformed`` distribution.
-
-    Raises:
-      TypeError: If ``bijector`` is not a bijector or a sequence of them.
-      ValueError: If ``event_shape`` is malformed or does not fit the bijector's
-        event rank or parameter shapes.
-    """
-    shape = _validated_event_shape(event_shape, "event_shape")
-    rank = len(shape)
-    if _is_bijector(bijector):
-        flow_bijector = _lifted(distrax.as_bijector(bijector), rank, "")
-    elif _is_bijector_stack(bijector):
-        flow_bijector = distrax.Chain(
-            [
-                _lifted(distrax.as_bijector(b), rank, f"[{i}]")
-                for i, b in enumerate(bijector)
-            ]
-        )
-    else:
-        raise TypeError(
-            "`bijector` must be a distrax or TFP bijector or a non-empty list/tuple "
-            f"of them, got {type(bijector).__name__}."
-        )
-
-    dtype = _floating_dtype(bijector)
-    # Trace the forward once on a placeholder: shape errors surface here with the
-    # arguments' names instead of deep inside log_prob. Tracing is free at run time.
-    try:
-        out = jax.eval_shape(flow_bijector.forward, jax.ShapeDtypeStruct(shape, dtype))
-    except (ValueError, TypeError) as error:
-        raise ValueError(
-            f"`bijector` cannot be applied to events of shape event_shape={shape}"
-            f"{_batch_shape_note(bijector)}: {error}"
-        ) from None
-    if tuple(out.shape[len(out.shape) - rank :]) != shape:
-        raise ValueError(
-            f"`bijector` maps events of shape event_shape={shape} to shape "
-            f"{tuple(out.shape)}, whose trailing axes are not {shape}"
-            f"{_batch_shape_note(bijector)}."
-        )
-
-    zeros, ones = jnp.zeros(shape, dtype), jnp.ones(shape, dtype)
-    if rank == 0:
-        base = distrax.Normal(zeros, ones)
-    elif rank == 1:
-        base = distrax.MultivariateNormalDiag(zeros, ones)
-    else:
-        base = distrax.Independent(distrax.Normal(zeros, ones), rank)
-    return distrax.Transformed(base, distrax.Inverse(flow_bijector))
-
-
-def _batch_shape_note(bijector: Any) -> str:
-    batch_shape = getattr(bijector, "batch_shape", None)
-    if isinstance(batch_shape, tuple):
-        return f" (the bijector's parameter batch shape is {batch_shape})"
-    return ""
 
 
 # -- fit -----------------------------------------------------------------------------
@@ -355,11 +198,27 @@ def _distribution_nll(model: Any, batch: Any) -> jax.Array:
     )
 
 
+def _conditional_nll(model: Any, batch: tuple[Any, Any]) -> jax.Array:
+    x, context = batch
+    return -jnp.sum(model.log_prob(x, context=context)) / x.shape[0]
+
+
+def _paired(data: Any, context: Any, names: tuple[str, str]) -> tuple[Any, Any]:
+    """``(data, context)`` as arrays, checked to have one context row per example."""
+    data, context = jnp.asarray(data), jnp.asarray(context)
+    if data.ndim < 1 or context.ndim < 1 or data.shape[0] != context.shape[0]:
+        raise ValueError(
+            f"`{names[1]}` of shape {context.shape} must have one row per example "
+            f"of `{names[0]}` (shape {data.shape}): their leading sizes differ."
+        )
+    return data, context
+
+
 def _default_loss(
     model: Any, event_shape: tuple[int, ...] | None
 ) -> Callable[[Any, Any], jax.Array]:
     """Mean NLL per example, ``-Σ log p(batch) / B`` (sums any batch/event axes)."""
-    if _is_bijector(model) or _is_bijector_stack(model):
+    if is_bijector(model) or is_bijector_stack(model):
         if event_shape is None:
             raise ValueError(
                 "A bijector `model` is trained on `data` given as one array "
@@ -574,10 +433,12 @@ def fit(
     data: Any,
     optimizer: optax.GradientTransformation | None = None,
     *,
+    context: Any = None,
     steps: int = 1000,
     batch_size: int | None = None,
     key: jax.Array | None = None,
     validation_data: Any = None,
+    validation_context: Any = None,
     patience: int | None = None,
     eval_every: int = 10,
     loss_fn: Callable[[Any, Any], jax.Array] | None = None,
@@ -636,6 +497,13 @@ def fit(
     hosts, call ``jax.distributed.initialize()`` first and build the global
     array with ``jax.make_array_from_process_local_data``.
 
+    Conditional density estimation: with ``context [N, C]``, the default loss
+    is :math:`-\frac{1}{B}\sum_i \log p_\theta(x_i \mid c_i)`, every
+    minibatch draws the same rows of ``data`` and ``context``, and the model
+    must be a conditional :class:`~distrax_mixcdf.Flow` (or come with a
+    ``loss_fn``, which then receives the batch as the pair ``(x, context)``).
+    Validation then needs ``validation_context`` beside ``validation_data``.
+
     With ``validation_data``, the loss on all of it (one batch) is evaluated
     before training (step 0, the model as passed in) and every ``eval_every``
     steps (and after the last step); training stops early after ``patience``
@@ -653,11 +521,15 @@ def fit(
       data: Training data ``[N, ...]``, or (with ``loss_fn``) a pytree of arrays
         sharing the leading axis ``N``.
       optimizer: An optax transformation; default ``optax.adam(1e-2)``.
+      context: Per-example contexts ``[N, C]`` of a conditional model, row
+        ``i`` belonging to ``data[i]``.
       steps: Maximum number of optimizer steps.
       batch_size: Minibatch size ``B <= N``; ``None`` uses the full batch every
         step.
       key: PRNG key for the minibatches; default ``jax.random.PRNGKey(0)``.
       validation_data: Held-out data of the same structure as ``data``.
+      validation_context: The held-out rows' contexts ``[N_v, C]`` (with
+        ``context``).
       patience: Evaluations without improvement before stopping; ``None``
         never stops early. Needs ``validation_data``.
       eval_every: Steps between validation evaluations.
@@ -680,6 +552,39 @@ def fit(
         array leaves, or ``loss_fn`` does not return a scalar.
     """
     # -- validate -----------------------------------------------------------------
+    if context is None and validation_context is not None:
+        raise ValueError("`validation_context` was given without `context`.")
+    if isinstance(model, Flow) and loss_fn is None:
+        if model.context_dim is not None and context is None:
+            raise ValueError(
+                f"`model` is a conditional flow (context_dim = {model.context_dim}): "
+                f"pass `context` of shape [N, {model.context_dim}] beside `data`."
+            )
+        if model.context_dim is None and context is not None:
+            raise ValueError(
+                "`model` is an unconditional flow (context_dim = None), but a "
+                f"`context` of shape {jnp.shape(context)} was given."
+            )
+    if context is not None:
+        data = _paired(data, context, ("data", "context"))
+        if (validation_data is None) != (validation_context is None):
+            raise ValueError(
+                "With `context`, pass `validation_data` and `validation_context` "
+                "together (or neither)."
+            )
+        if validation_data is not None:
+            validation_data = _paired(
+                validation_data,
+                validation_context,
+                ("validation_data", "validation_context"),
+            )
+        if loss_fn is None:
+            if not callable(getattr(model, "log_prob", None)):
+                raise TypeError(
+                    "With `context`, `model` must have `log_prob(x, context=...)` "
+                    f"or come with a `loss_fn`; got {type(model).__name__}."
+                )
+            loss_fn = _conditional_nll
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
     _check_positive_int(batch_size, "batch_size", allow_none=True)
@@ -720,7 +625,7 @@ def fit(
         elif event_shape is None:
             event_shape = tuple(data.shape[1:])
         else:
-            event_shape = _validated_event_shape(event_shape, "event_shape")
+            event_shape = check_event_shape(event_shape, "event_shape")
         loss_fn = _default_loss(model, event_shape)
     optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
     key = jax.random.PRNGKey(0) if key is None else key

@@ -1,4 +1,4 @@
-"""Deep flows: Gaussianization and coupling flows built from the mixture-CDF layer.
+"""Deep flows: Gaussianization, coupling and autoregressive flows (unconditional).
 
 Small on purpose (D = 3, K = 3, two or three layers, one jitted function per
 check shared by both flow families): JIT compilation dominates these tests.
@@ -12,10 +12,12 @@ import optax
 import pytest
 
 from distrax_mixcdf import (
+    AutoregressiveFlow,
     CouplingFlow,
     FixedRotation,
     GaussianizationFlow,
     Householder,
+    autoregressive_flow,
     coupling_flow,
     fit,
     gaussianization_flow,
@@ -35,6 +37,9 @@ def skewed_data(n, seed):
 TRAIN, TEST = skewed_data(400, 0), skewed_data(400, 1)
 
 
+FAMILIES = ["gaussianization", "coupling", "autoregressive"]
+
+
 @pytest.fixture(scope="module")
 def flows():
     gf = gaussianization_flow(TRAIN, num_layers=2, num_components=3)
@@ -46,7 +51,15 @@ def flows():
         hidden_sizes=(8,),
         data=TRAIN,
     )
-    return {"gaussianization": gf, "coupling": cf}
+    af = autoregressive_flow(
+        jax.random.PRNGKey(0),
+        D,
+        num_layers=2,
+        num_components=3,
+        hidden_sizes=(8,),
+        data=TRAIN,
+    )
+    return {"gaussianization": gf, "coupling": cf, "autoregressive": af}
 
 
 @jax.jit
@@ -88,7 +101,7 @@ def checked(flows):
     return {name: _checks(f, x, jax.random.PRNGKey(1)) for name, f in flows.items()}
 
 
-@pytest.mark.parametrize("name", ["gaussianization", "coupling"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_shapes_and_scan_matches_distrax_stack(checked, name):
     out = checked[name]
     assert out["log_prob"].shape == (32,)
@@ -98,7 +111,7 @@ def test_shapes_and_scan_matches_distrax_stack(checked, name):
     np.testing.assert_allclose(out["log_prob"][:4], out["distrax_log_prob"], atol=2e-4)
 
 
-@pytest.mark.parametrize("name", ["gaussianization", "coupling"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_whole_stack_log_det_matches_autodiff(checked, name):
     out = checked[name]
     np.testing.assert_allclose(
@@ -106,14 +119,14 @@ def test_whole_stack_log_det_matches_autodiff(checked, name):
     )
 
 
-@pytest.mark.parametrize("name", ["gaussianization", "coupling"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_invertible_and_samples_are_scored_consistently(checked, name):
     out = checked[name]
     np.testing.assert_allclose(out["latent_back"], out["latent"], atol=5e-4)
     np.testing.assert_allclose(out["rescored"], out["sample_log_prob"], atol=5e-3)
 
 
-@pytest.mark.parametrize("name", ["gaussianization", "coupling"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_every_parameter_gets_a_nonzero_gradient(checked, flows, name):
     flow, grads = flows[name], checked[name]["grads"]
     leaves = jax.tree_util.tree_leaves(flow)
@@ -128,6 +141,11 @@ def test_every_parameter_gets_a_nonzero_gradient(checked, flows, name):
     if name == "gaussianization":
         assert len(leaves) == 2 * 3 + 1  # 2 marginals x 3 arrays, 1 rotation
         assert all(isinstance(r, Householder) for r in flow.rotations)
+    elif name == "autoregressive":
+        assert isinstance(flow, AutoregressiveFlow)
+        assert isinstance(flow.marginal, GaussianizationFlow)
+        stem = flow.marginal.num_layers
+        assert len(leaves) == 3 * stem + (stem - 1) + 2 * 2 * 2
     else:
         assert isinstance(flow, CouplingFlow)
         # The greedy stem (a GaussianizationFlow) + 2 layers x 2 (W, b).

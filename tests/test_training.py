@@ -20,8 +20,7 @@ import scipy.special as sps
 import scipy.stats as st
 import tensorflow_probability.substrates.jax as tfp
 
-from distrax_mixcdf import MixtureGaussianCDF
-from distrax_mixcdf.training import FitResult, fit, normalizing_flow
+from distrax_mixcdf import FitResult, MixtureGaussianCDF, fit, normalizing_flow
 
 tfd = tfp.distributions
 

@@ -15,10 +15,10 @@ inverse:
   pytree leaves: the matrix is static metadata, so ``fit`` (which trains every
   floating-point leaf) leaves it fixed and orthogonal.
 
-What a maintainer may change: the numerical guard of a zero reflection vector,
-the orthogonality tolerance of :class:`FixedRotation`. Keep fixed: the leaf rules
-above, the order in which reflections are applied (``vectors[0]`` first, which
-:meth:`Householder.from_matrix` relies on) and ``event_ndims == 1``.
+Reflections are applied in order, ``vectors[0]`` first, which
+:meth:`Householder.from_matrix` relies on. :func:`reflect`,
+:func:`householder_qr` and :func:`pca_matrix` are the array-level pieces the
+greedy Gaussianization flow uses too.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FixedRotation", "Householder"]
+__all__ = ["FixedRotation", "Householder", "householder_qr", "pca_matrix", "reflect"]
 
 
 def _as_float_array(name: str, value: Any, min_ndim: int) -> jax.Array:
@@ -55,8 +55,18 @@ def _check_event(value: jax.Array, dim: int, argument: str, owner: str) -> None:
         )
 
 
-def _reflect(x: jax.Array, v: jax.Array) -> jax.Array:
-    """``(I − 2 v vᵀ / vᵀv) x`` on the last axis, broadcasting batch axes."""
+def reflect(x: jax.Array, v: jax.Array) -> jax.Array:
+    r"""Householder reflection :math:`(I - 2 v v^\top / v^\top v)\, x` on the last axis.
+
+    Batch axes of ``x`` and ``v`` broadcast; a zero ``v`` acts as the identity.
+
+    Args:
+      x: Vectors ``[..., D]``.
+      v: Reflection vectors ``[..., D]``.
+
+    Returns:
+      The reflected vectors, the broadcast shape.
+    """
     vv = jnp.sum(v * v, axis=-1, keepdims=True)
     # A zero vector defines no reflection; treat it as the identity instead of
     # dividing by zero (its gradient is then zero too, never NaN).
@@ -65,7 +75,7 @@ def _reflect(x: jax.Array, v: jax.Array) -> jax.Array:
     return x - coef * v
 
 
-def _householder_qr(matrix: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+def householder_qr(matrix: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     r"""Householder QR of :math:`W^\top` on the host, in float64.
 
     .. math:: W^\top = G_0 \cdots G_{D-2}\, R, \qquad
@@ -176,7 +186,7 @@ class Householder(distrax.Bijector):
         dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
         _check_orthogonal(w, "matrix")
         dim = w.shape[0]
-        vectors, signs = _householder_qr(w)
+        vectors, signs = householder_qr(w)
         # W^T = G_0 ⋯ G_{D-2} R with R = diag(signs), so W = R G_{D-2} ⋯ G_0.
         # Forward applies vectors[0] first: the QR reflections in order, then
         # R's coordinate flips.
@@ -250,7 +260,7 @@ class Householder(distrax.Bijector):
         y = x.astype(dtype)
         vectors = self._vectors.astype(dtype)
         for i in order:
-            y = _reflect(y, vectors[..., i, :])
+            y = reflect(y, vectors[..., i, :])
         return y, jnp.zeros(y.shape[:-1], dtype)
 
     def forward_and_log_det(self, x: Any) -> tuple[jax.Array, jax.Array]:
