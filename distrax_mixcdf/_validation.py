@@ -1,13 +1,17 @@
-"""Argument checks shared by the flows and the trainer.
+"""Argument checks shared by the bijector, the flows and the trainer.
 
 Each check raises a ``ValueError`` (or ``TypeError``) that names the argument
 and, for arrays, its shape, and returns the value in the form the caller
-computes with. Nothing here is re-exported: these are internal building blocks.
+computes with. :func:`renamed_arguments` keeps an old keyword spelling working
+for one release. Nothing here is re-exported: these are internal building blocks.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import distrax
 import numpy as np
@@ -19,7 +23,48 @@ __all__ = [
     "check_int",
     "is_bijector",
     "is_bijector_stack",
+    "renamed_arguments",
 ]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def renamed_arguments(
+    **old_to_new: str,
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Lets a function still take the old keyword spelling of renamed arguments.
+
+    ``@renamed_arguments(n_components="num_components")`` passes
+    ``n_components=4`` on as ``num_components=4`` with a ``DeprecationWarning``
+    that names the new spelling. Giving both spellings is a ``TypeError``.
+    """
+
+    def decorate(function: Callable[_P, _R]) -> Callable[_P, _R]:
+        name = function.__qualname__
+
+        @functools.wraps(function)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            for old, new in old_to_new.items():
+                if old not in kwargs:
+                    continue
+                if new in kwargs:
+                    raise TypeError(
+                        f"{name}() got both `{new}` and its deprecated spelling "
+                        f"`{old}`; pass only `{new}`."
+                    )
+                warnings.warn(
+                    f"{name}(): `{old}` is deprecated and will be removed in the "
+                    f"next release; use `{new}` instead.",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def check_int(value: Any, argument: str, minimum: int) -> int:

@@ -35,9 +35,6 @@ directory, flushed and ``fsync``-ed, then moved over the final name with
 either the old checkpoint or the new one, never a half-written file.
 Truncated, corrupted or mismatched files raise :class:`CheckpointError` (a
 ``ValueError``) that says what is wrong.
-
-What a maintainer may change: add spec types (bump :data:`FORMAT_VERSION` only
-when an old reader could misread a new file); keep reading every older version.
 """
 
 from __future__ import annotations

@@ -16,9 +16,6 @@ For gradients over a dataset larger than memory, train on minibatches
 (:func:`~distrax_mixcdf.fit` with ``batch_size``), or sum ``jax.grad`` over
 chunks yourself; inside ``jit``, ``jax.lax.map(f, xs, batch_size=...)`` gives
 the same memory bound on device.
-
-What a maintainer may change: the pipelining (one chunk in flight ahead of the
-copy-out) and the default chunk size.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ dispatches: the forward map is in `_forward.py`, its derivatives in
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import distrax
@@ -22,6 +23,8 @@ import numpy as np
 
 from distrax_mixcdf import _irregular, _root_finding, _tangents
 from distrax_mixcdf._root_finding import INVERSE_GRADIENTS, ROOT_FINDERS, SolverOptions
+from distrax_mixcdf._validation import renamed_arguments
+from distrax_mixcdf.initialization import initial_params
 
 __all__ = ["MixtureGaussianCDF"]
 
@@ -189,34 +192,47 @@ class MixtureGaussianCDF(distrax.Bijector):
         return cls(logits, means, log_scales, **options)
 
     @classmethod
+    @renamed_arguments(n_components="num_components")
     def from_data(
         cls,
         x: Any,
-        n_components: int,
+        num_components: int,
         method: str = "quantile",
         *,
         solver_options: dict[str, Any] | None = None,
+        init_options: dict[str, Any] | None = None,
         **fit_options,
     ) -> MixtureGaussianCDF:
         """Initialises the mixture from data (a warm start for training).
 
         Args:
           x: Data ``[N]`` (parameters ``[K]``) or ``[N, D]`` (parameters ``[D, K]``).
-          n_components: The number of components ``K``.
+          num_components: The number of components ``K`` (``n_components`` is
+            its deprecated spelling).
           method: ``"quantile"``, ``"em"`` or ``"kde"``; see
-            :func:`distrax_mixcdf.initialization.initial_params`.
+            :func:`distrax_mixcdf.initial_params`.
           solver_options: Options of the bijector's inverse (``root_finder``,
             ``tol``, ``max_iter``, ``inverse_grad``), kept apart from the fit's
             own ``max_iter``/``tol``.
-          **fit_options: Options of the fitting method (``max_iter``, ``tol``,
-            ``bandwidth``, ``min_scale``).
+          init_options: Options of the fitting method (``max_iter``, ``tol``,
+            ``bandwidth``, ``min_scale``), as for
+            :func:`~distrax_mixcdf.gaussianization_flow`.
+          **fit_options: Deprecated: the same options as loose keywords; pass
+            ``init_options`` instead.
 
         Returns:
           The bijector with the fitted parameters.
         """
-        from distrax_mixcdf.initialization import initial_params
-
-        fitted = initial_params(x, n_components, method=method, **fit_options)
+        if fit_options:
+            warnings.warn(
+                "MixtureGaussianCDF.from_data(): passing fit options as keywords "
+                f"({', '.join(sorted(fit_options))}) is deprecated and will be "
+                "removed in the next release; use `init_options=dict(...)` instead.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        options = {**fit_options, **(init_options or {})}
+        fitted = initial_params(x, num_components, method=method, **options)
         return cls(
             fitted.logits, fitted.means, fitted.log_scales, **(solver_options or {})
         )

@@ -50,8 +50,8 @@ def main():
         ]
     )
 
-    init = MixtureGaussianCDF.from_data(x[::20], n_components=6)  # under-fit warm start
-    em = MixtureGaussianCDF.from_data(x, n_components=6, method="em")
+    init = MixtureGaussianCDF.from_data(x[::20], num_components=6)  # under-fit start
+    em = MixtureGaussianCDF.from_data(x, num_components=6, method="em")
 
     params, static = eqx.partition(init, eqx.is_inexact_array)
     opt = optax.adam(1e-2)

@@ -224,10 +224,14 @@ def test_shape_errors_name_the_shapes(flows):
         flow.log_prob(x, jnp.ones((4, 2)))
     with pytest.raises(ValueError, match="conditional"):
         flow.sample(seed=jax.random.PRNGKey(0), sample_shape=(3,))
-    with pytest.raises(ValueError, match="no single distrax distribution"):
+    with (
+        pytest.warns(DeprecationWarning, match="to_distrax"),
+        pytest.raises(ValueError, match="no single distrax distribution"),
+    ):
         _ = flow.distribution
-    with pytest.raises(ValueError, match=r"one `context` of shape \[C\]"):
-        flow.to_tfp(c)
+    for method in (flow.to_tfp, flow.to_distrax, flow.chain):
+        with pytest.raises(ValueError, match=r"one `context` of shape \[C\]"):
+            method(c)
     unconditional = dm.coupling_flow(jax.random.PRNGKey(0), 2, num_layers=1)
     with pytest.raises(ValueError, match=r"unconditional.*\(5, 2\).*`x` of shape"):
         unconditional.log_prob(x, c)

@@ -82,7 +82,7 @@ def _checks(flow, x, key):
     return dict(
         log_prob=log_prob[:n],
         # The distrax.Transformed stack (unrolled; log_prob only, to bound compiles).
-        distrax_log_prob=flow.distribution.log_prob(x[:4]),
+        distrax_log_prob=flow.to_distrax().log_prob(x[:4]),
         # Round trip latent -> data -> latent through the one inverse compiled here:
         # sample_and_log_prob maps z = jax.random.normal(key, (16, D)).
         latent=jax.random.normal(key, (16, D)),
@@ -174,10 +174,28 @@ def test_fixed_rotations_have_no_leaves_and_to_tfp_matches():
     flow = gaussianization_flow(TRAIN, num_layers=2, num_components=3, rotation="fixed")
     assert isinstance(flow.rotations[0], FixedRotation)
     assert len(jax.tree_util.tree_leaves(flow)) == 2 * 3
-    assert isinstance(flow.distribution, distrax.Transformed)
+    assert isinstance(flow.to_distrax(), distrax.Transformed)
     both = jax.jit(lambda f, x: (f.to_tfp().log_prob(x), f.log_prob(x)))
     tfp_log_prob, log_prob = both(flow, TEST[:5])
     np.testing.assert_allclose(tfp_log_prob, log_prob, rtol=1e-5, atol=1e-5)
+
+
+def test_deprecated_spellings_still_work_and_warn(flows):
+    """`num_params()`, `.distribution` and `.bijector` warn and name the new API."""
+    flow = flows["gaussianization"]
+    count = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(flow))
+    assert flow.num_params == count
+    assert f"{flow.num_params:,}" == f"{count:,}"
+    with pytest.warns(DeprecationWarning, match=r"num_params \(a property\)"):
+        assert flow.num_params() == count
+    with pytest.warns(DeprecationWarning, match=r"to_distrax\(\)"):
+        distribution = flow.distribution
+    assert isinstance(distribution, distrax.Transformed)
+    with pytest.warns(DeprecationWarning, match=r"chain\(\)"):
+        bijector = flow.bijector
+    x = TEST[:3]
+    np.testing.assert_allclose(bijector.forward(x), flow.forward(x), atol=1e-5)
+    np.testing.assert_allclose(flow.chain().forward(x), flow.forward(x), atol=1e-5)
 
 
 def test_bad_input_raises(flows):

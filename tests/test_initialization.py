@@ -86,7 +86,7 @@ def test_quantile_means_are_the_midpoint_quantiles(columns):
         fit.means, np.quantile(columns, levels, axis=0).T, rtol=1e-5, atol=1e-5
     )
     np.testing.assert_array_equal(fit.logits, np.zeros((3, k)))
-    assert fit.n_iter == 0
+    assert fit.num_iter == 0
     # One shared scale per dimension.
     np.testing.assert_array_equal(
         fit.log_scales, np.repeat(fit.log_scales[:, :1], k, 1)
@@ -146,7 +146,7 @@ def test_kde_plug_in_bandwidth_and_anchors(bimodal, rule):
     anchors = np.sort(bimodal).astype(fit.means.dtype)[index]
     np.testing.assert_array_equal(fit.means, anchors)
     np.testing.assert_array_equal(fit.logits, np.zeros(k))
-    assert fit.n_iter == 0
+    assert fit.num_iter == 0
 
 
 def test_kde_fixed_bandwidth_and_silverman_differs(bimodal):
@@ -181,7 +181,7 @@ def test_em_recovers_a_known_mixture(bimodal):
     np.testing.assert_allclose(weights, TRUE_WEIGHTS, atol=0.04)
     np.testing.assert_allclose(means, TRUE_MEANS, atol=0.1)
     np.testing.assert_allclose(scales, TRUE_SCALES, rtol=0.1)
-    assert 1 < int(fit.n_iter) < 200
+    assert 1 < int(fit.num_iter) < 200
     # The MLE beats the true parameters on its own sample, and both cheap starts.
     truth = _mixture_log_likelihood(bimodal, TRUE_WEIGHTS, TRUE_MEANS, TRUE_SCALES)
     assert float(fit.log_likelihood) >= truth - 1e-4
@@ -194,7 +194,7 @@ def test_em_recovers_a_known_mixture(bimodal):
 def test_em_with_zero_iterations_is_the_quantile_start(bimodal):
     em = initial_params(bimodal, 2, "em", max_iter=0)
     quantile = initial_params(bimodal, 2, "quantile")
-    assert int(em.n_iter) == 0
+    assert int(em.num_iter) == 0
     np.testing.assert_allclose(em.means, quantile.means, rtol=1e-5)
     np.testing.assert_allclose(em.log_scales, quantile.log_scales, atol=1e-5)
     np.testing.assert_allclose(em.logits, quantile.logits, atol=1e-6)
@@ -206,8 +206,8 @@ def test_em_iteration_cap_and_tolerance(bimodal):
     capped = initial_params(bimodal, 2, "em", max_iter=3)
     loose = initial_params(bimodal, 2, "em", tol=1e-2)
     full = initial_params(bimodal, 2, "em")
-    assert int(capped.n_iter) == 3
-    assert int(loose.n_iter) < int(full.n_iter)
+    assert int(capped.num_iter) == 3
+    assert int(loose.num_iter) < int(full.num_iter)
     # EM never decreases the likelihood (no component is at the floor here).
     assert start < float(capped.log_likelihood) <= float(full.log_likelihood) + 1e-6
     assert float(loose.log_likelihood) <= float(full.log_likelihood) + 1e-6
@@ -222,7 +222,7 @@ def test_em_single_component_is_the_gaussian_mle(bimodal):
         stats.norm.logpdf(bimodal, bimodal.mean(), bimodal.std()).mean(),
         rtol=1e-5,
     )
-    assert int(fit.n_iter) <= 3
+    assert int(fit.num_iter) <= 3
 
 
 def test_em_is_affine_equivariant(bimodal):
@@ -279,7 +279,7 @@ def test_columns_equal_per_column_fits(columns, method, kwargs):
                 err_msg=f"{method} {name} dim {d}",
             )
     if method == "em":
-        np.testing.assert_array_equal(joint.n_iter, [5, 5, 5])
+        np.testing.assert_array_equal(joint.num_iter, [5, 5, 5])
 
 
 # -- constant columns -----------------------------------------------------------
@@ -352,15 +352,15 @@ _GOOD = np.linspace(-1.0, 1.0, 12)
             r"NaN or inf in dimension\(s\) \[0, 1\]; shape \(6, 2\)",
         ),
         (np.array([1e300, 0.0, 1.0]), 2, {}, r"overflow float32.*shape \(3,\)"),
-        (np.array([0.0, 1.0, 1.0, 0.0]), 3, {}, r"fewer than n_components=3 .*\[2\]"),
+        (np.array([0.0, 1.0, 1.0, 0.0]), 3, {}, r"fewer than num_components=3 .*\[2\]"),
         (np.zeros((0,)), 1, {}, r"at least one sample.*shape \(0,\)"),
         (np.zeros((5, 0)), 1, {}, r"at least one sample.*shape \(5, 0\)"),
         (np.float32(1.0), 1, {}, r"\[N\] or \[N, D\].*0-D.*shape \(\)"),
         (np.zeros((4, 2, 2)), 1, {}, r"\[N\] or \[N, D\].*3-D.*shape \(4, 2, 2\)"),
         (_GOOD.astype(np.complex64), 2, {}, r"real numbers.*complex64"),
-        (_GOOD, 0, {}, "n_components"),
-        (_GOOD, 2.0, {}, "n_components"),
-        (_GOOD, True, {}, "n_components"),
+        (_GOOD, 0, {}, "num_components"),
+        (_GOOD, 2.0, {}, "num_components"),
+        (_GOOD, True, {}, "num_components"),
         (_GOOD, 2, {"method": "gmm"}, r"`method` must be one of.*'gmm'"),
         (_GOOD, 2, {"bandwidth": "normal"}, "bandwidth"),
         (_GOOD, 2, {"bandwidth": -1.0}, "bandwidth"),
@@ -412,3 +412,31 @@ def test_from_data_gaussianizes(columns):
     assert np.all(ks["kde"] < 0.1)
     assert np.all(ks["em"] < ks["quantile"])
     assert np.all(ks["em"] < ks["kde"])
+
+
+# -- deprecated spellings (kept for one release) -------------------------------
+
+
+def test_n_components_still_works_and_warns_naming_num_components():
+    expected = initial_params(_GOOD, 2)
+    with pytest.warns(DeprecationWarning, match="use `num_components`"):
+        fit = initial_params(_GOOD, n_components=2)
+    np.testing.assert_array_equal(fit.means, expected.means)
+    with pytest.warns(DeprecationWarning, match="use `num_components`"):
+        bijector = MixtureGaussianCDF.from_data(_GOOD, n_components=2)
+    np.testing.assert_array_equal(bijector.means, expected.means)
+    with pytest.raises(TypeError, match="both `num_components` and"):
+        initial_params(_GOOD, num_components=2, n_components=2)
+
+
+def test_n_iter_and_loose_fit_options_still_work_and_warn():
+    fit = initial_params(_GOOD, 2, "em", max_iter=3)
+    with pytest.warns(DeprecationWarning, match="use `num_iter`"):
+        assert fit.n_iter == fit.num_iter
+    expected = MixtureGaussianCDF.from_data(
+        _GOOD, 2, "em", init_options={"max_iter": 3}
+    )
+    with pytest.warns(DeprecationWarning, match=r"use `init_options=dict\(...\)`"):
+        bijector = MixtureGaussianCDF.from_data(_GOOD, 2, "em", max_iter=3)
+    np.testing.assert_array_equal(bijector.means, expected.means)
+    np.testing.assert_array_equal(bijector.means, fit.means)

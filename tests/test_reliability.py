@@ -85,7 +85,7 @@ _masked_loss_grads = _robust.masked_loss_grads
         (
             lambda: dm.MixtureGaussianCDF.from_data(np.arange(10.0), 0),
             ValueError,
-            "n_components",
+            "num_components",
         ),
         (
             lambda: dm.MixtureGaussianCDF(
@@ -375,7 +375,7 @@ def test_training_on_outliers_and_heavy_tails_never_takes_a_bad_step(dataset):
         data = scipy.stats.t(df=1.5).rvs(size=2048, random_state=rng)
     data = data.astype(DTYPE)[:, None]
     finite = np.isfinite(data[:, 0])
-    layer = dm.MixtureGaussianCDF.from_data(data[finite], n_components=K)
+    layer = dm.MixtureGaussianCDF.from_data(data[finite], num_components=K)
     result = dm.fit(
         layer,
         data,

@@ -244,11 +244,11 @@ def run_task(task, steps, n_train, n_test, seed):
             num_components=K,
             hidden_sizes=HIDDEN,
         )
-        target = target or flow.num_params()
+        target = target or flow.num_params
         model = train_ours(flow, (train, val), steps, key)
         seconds = time.perf_counter() - start
         nll = float(-jnp.mean(_ours_log_prob(model, x_test, c_test)))
-        rows.append((label, flow.num_params(), nll, seconds))
+        rows.append((label, flow.num_params, nll, seconds))
     for label, kind in (("flowjax RQ-NSF", "rqs"), ("flowjax MAF", "maf")):
         start = time.perf_counter()
         dist, n_params = flowjax_model(

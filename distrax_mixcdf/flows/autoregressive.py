@@ -358,7 +358,7 @@ class AutoregressiveFlow(Flow):
             f"num_components={self.num_components}, hidden={hidden}, "
             f"context_dim={self.context_dim}, "
             f"marginal={type(self.marginal).__name__ if self.marginal else None}, "
-            f"num_params={self.num_params()})"
+            f"num_params={self.num_params})"
         )
 
 

@@ -7,10 +7,15 @@ r"""What every flow shares: the :class:`Flow` API and :func:`normalizing_flow`.
   ``sample_and_log_prob``, ``forward``/``inverse`` with an optional ``context``
   that batches against the data, and the conversions to distrax and TFP. A
   subclass supplies only its two scanned maps and its list of bijectors.
+
+Properties hold cheap static metadata (``dim``, ``num_layers``,
+``num_params``); methods compute arrays or build objects (``bijectors()``,
+``chain()``, ``to_distrax()``, ``to_tfp()``).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -330,29 +335,70 @@ class Flow:
         """Latent → data (see :meth:`inverse_and_log_det`)."""
         return self.inverse_and_log_det(z, context)[0]
 
-    @property
-    def distribution(self) -> distrax.Transformed:
-        """The density model as a ``distrax.Transformed`` (unconditional flows).
+    def to_distrax(self, context: Any = None) -> distrax.Transformed:
+        r"""The density model as a ``distrax.Transformed``.
 
-        A fresh object on every read, built from the current leaves.
+        Built from the current leaves on every call. distrax distributions take
+        no context, so for a conditional flow this is the density
+        :math:`p(x \mid c)` at *one* context ``c`` (shape ``[C]``), fixed when
+        the distribution is built.
+
+        Args:
+          context: ``None`` for an unconditional flow; one context ``[C]`` for
+            a conditional one.
+
+        Returns:
+          :func:`normalizing_flow` of the data → latent stack, with event shape
+          ``(D,)``.
 
         Raises:
-          ValueError: For a conditional flow: a distrax distribution has no
-            context argument (fix one with :meth:`bijectors` and
-            :func:`normalizing_flow`, or use :meth:`to_tfp` with ``context``).
+          ValueError: If ``context`` is missing, unexpected, or not ``[C]``.
         """
+        context = self._one_context(context, "to_distrax")
+        return normalizing_flow(list(reversed(self.bijectors(context))), (self.dim,))
+
+    def chain(self, context: Any = None) -> distrax.Chain:
+        """The data → latent map as one ``distrax.Chain`` with ``event_ndims == 1``.
+
+        Elementwise layers are lifted with ``distrax.Block``; the chain's
+        ``forward`` is :meth:`forward` and its ``inverse`` is :meth:`inverse`
+        (at the given context, for a conditional flow).
+
+        Args:
+          context: ``None`` for an unconditional flow; one context ``[C]`` for
+            a conditional one.
+
+        Returns:
+          The ``distrax.Chain``, built from the current leaves on every call.
+
+        Raises:
+          ValueError: If ``context`` is missing, unexpected, or not ``[C]``.
+        """
+        context = self._one_context(context, "chain")
+        layers = reversed(self.bijectors(context))
+        return distrax.Chain([_lifted(b, 1, "") for b in layers])
+
+    @property
+    def distribution(self) -> distrax.Transformed:
+        """Deprecated: use :meth:`to_distrax`.
+
+        Raises:
+          ValueError: For a conditional flow.
+        """
+        _warn_renamed("Flow.distribution", "Flow.to_distrax()")
         if self.context_dim is not None:
             raise ValueError(
                 f"A conditional flow (context_dim = {self.context_dim}) has no "
                 "single distrax distribution; use `log_prob(x, context)`, or "
-                "`to_tfp(context=c)` for the density at one context."
+                "`to_distrax(context=c)` for the density at one context."
             )
-        return normalizing_flow(list(reversed(self.bijectors())), (self.dim,))
+        return self.to_distrax()
 
     @property
     def bijector(self) -> distrax.Bijector:
-        """The data → latent map as one ``distrax.Chain`` (unconditional flows)."""
-        return distrax.Inverse(self.distribution.bijector)
+        """Deprecated: use :meth:`chain` (the same data → latent map)."""
+        _warn_renamed("Flow.bijector", "Flow.chain()")
+        return distrax.Inverse(self.to_distrax().bijector)
 
     def to_tfp(self, context: Any = None):
         r"""The density model as a TFP ``TransformedDistribution``.
@@ -367,41 +413,49 @@ class Flow:
 
         Returns:
           ``tfd.TransformedDistribution(tfd.MultivariateNormalDiag(0, 1),
-          tfb.Invert(chain))`` where ``chain`` is ``distrax.to_tfp`` of the
-          data → latent stack.
+          tfb.Invert(chain))`` where ``chain`` is ``distrax.to_tfp`` of
+          :meth:`chain`.
 
         Raises:
           ValueError: If ``context`` is missing, unexpected, or not ``[C]``.
         """
         from tensorflow_probability.substrates import jax as tfp
 
-        if self.context_dim is not None:
-            context = self._checked_context(context, None)
-            if context is None or context.ndim != 1:
-                raise ValueError(
-                    "`to_tfp` of a conditional flow needs one `context` of shape "
-                    f"[C] = [{self.context_dim}] (TFP distributions take no "
-                    f"context argument), got shape "
-                    f"{None if context is None else context.shape}."
-                )
-        elif context is not None:
-            self._checked_context(context, None)  # raises: names the shapes
+        chain = self.chain(self._one_context(context, "to_tfp"))
         tfd, tfb = tfp.distributions, tfp.bijectors
-        layers = reversed(self.bijectors(context))
-        chain = distrax.Chain([_lifted(b, 1, "") for b in layers])
         return tfd.TransformedDistribution(
             tfd.MultivariateNormalDiag(jnp.zeros(self.dim, self._dtype())),
             tfb.Invert(distrax.to_tfp(chain)),
         )
 
+    @property
     def num_params(self) -> int:
-        """The number of trainable scalars (the sizes of all leaves)."""
-        return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(self)))
+        """The number of trainable scalars (the sizes of all leaves).
+
+        Calling it, ``flow.num_params()``, still works for one release, with a
+        ``DeprecationWarning``.
+        """
+        leaves = jax.tree_util.tree_leaves(self)
+        return _CallableInt(sum(np.size(leaf) for leaf in leaves))
 
     # -- input checks ----------------------------------------------------------------
 
     def _dtype(self) -> Any:
         return floating_dtype(self)
+
+    def _one_context(self, context: Any, method: str) -> jax.Array | None:
+        """Checks the single context ``[C]`` that ``method`` fixes, if any."""
+        if self.context_dim is None:
+            return self._checked_context(context, None)  # raises if one is given
+        context = self._checked_context(context, None)
+        if context is None or context.ndim != 1:
+            raise ValueError(
+                f"`{method}` of a conditional flow needs one `context` of shape "
+                f"[C] = [{self.context_dim}] (distrax and TFP distributions take "
+                f"no context argument), got shape "
+                f"{None if context is None else context.shape}."
+            )
+        return context
 
     def _checked_context(self, context: Any, x_shape: tuple[int, ...] | None):
         """Checks ``context`` against ``context_dim``; returns it as an array."""
@@ -453,3 +507,20 @@ class Flow:
             jnp.broadcast_to(x, (*batch, self.dim)),
             jnp.broadcast_to(context, (*batch, context.shape[-1])),
         )
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"`{old}` is deprecated and will be removed in the next release; use "
+        f"`{new}` instead.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+class _CallableInt(int):
+    """An ``int`` that can still be called: ``num_params`` was a method."""
+
+    def __call__(self) -> int:
+        _warn_renamed("Flow.num_params()", "Flow.num_params (a property)")
+        return int(self)

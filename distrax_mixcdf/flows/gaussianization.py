@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distrax_mixcdf._mixture_fit import check_options, fit_columns, smoothing_floor
 from distrax_mixcdf._validation import check_data, check_int
 from distrax_mixcdf.flows.base import Flow, unrolled
 from distrax_mixcdf.flows.rotations import (
@@ -28,11 +29,6 @@ from distrax_mixcdf.flows.rotations import (
     householder_qr,
     pca_matrix,
     reflect,
-)
-from distrax_mixcdf.initialization import (
-    _check_options,
-    _fit_columns,
-    _smoothing_floor,
 )
 from distrax_mixcdf.mixture_cdf import MixtureGaussianCDF
 
@@ -269,7 +265,7 @@ class GaussianizationFlow(Flow):
         return (
             f"GaussianizationFlow(dim={self.dim}, num_layers={self.num_layers}, "
             f"num_components={self.marginals[0].num_components}, "
-            f"rotations={'/'.join(kinds)}, num_params={self.num_params()})"
+            f"rotations={'/'.join(kinds)}, num_params={self.num_params})"
         )
 
 
@@ -429,7 +425,7 @@ def gaussianization_flow(
             f"`init_options` has unknown keys {sorted(unknown)}; allowed are "
             "max_iter, tol, bandwidth, min_scale."
         )
-    _check_options(
+    check_options(
         num_components,
         method,
         init_options.get("max_iter", 200),
@@ -528,7 +524,7 @@ def _greedy_marginal(
     dtype, (dim, n) = columns.dtype, columns.shape
     min_scale = init_options.get("min_scale")
     floors = (
-        _smoothing_floor(columns, _FLOOR_FACTOR)
+        smoothing_floor(columns, _FLOOR_FACTOR)
         if min_scale is None
         else np.full(dim, float(min_scale))
     )
@@ -543,7 +539,7 @@ def _greedy_marginal(
     )
     anchor = (np.where(standard, 0.0, mean), np.where(standard, 0.0, log_std))
     tail = (mean, log_std + np.log(_TAIL_SCALE))
-    fit = _fit_columns(
+    fit = fit_columns(
         columns,
         num_components,
         method,

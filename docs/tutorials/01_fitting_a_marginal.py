@@ -19,7 +19,7 @@
 #        \varphi\Big(\frac{x-\mu_k}{\sigma_k}\Big),
 # $$
 #
-# and `MixtureGaussianCDF.from_data(x, n_components, method)` offers three
+# and `MixtureGaussianCDF.from_data(x, num_components, method)` offers three
 # classical ways to do it, all without gradient descent:
 #
 # - `"quantile"`: equal weights, means at the data quantiles
@@ -89,7 +89,7 @@ for method in ("quantile", "em", "kde"):
     print(
         f"{method:>9} | {float(fitted.log_likelihood):18.4f} | "
         f"{held_out_log_likelihood(layers[method], test):21.4f} | "
-        f"{int(fitted.n_iter)}"
+        f"{int(fitted.num_iter)}"
     )
 truth = float(np.mean(np.log(true_pdf(test.astype(np.float64)))))
 print(f"{'truth':>9} | {'':18} | {truth:21.4f} |")

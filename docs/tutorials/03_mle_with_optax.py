@@ -70,7 +70,7 @@ def nll(bijector, xb):
 # differentiates the NLL with respect to them.
 
 # %%
-init = dm.MixtureGaussianCDF.from_data(x[::20], n_components=6)  # under-fit start
+init = dm.MixtureGaussianCDF.from_data(x[::20], num_components=6)  # under-fit start
 params, static = eqx.partition(init, eqx.is_inexact_array)
 opt = optax.adam(1e-2)
 opt_state = opt.init(params)
@@ -91,7 +91,7 @@ for _ in range(STEPS):
     losses.append(float(loss))
 trained = eqx.combine(params, static)
 
-em = dm.MixtureGaussianCDF.from_data(x, n_components=6, method="em")
+em = dm.MixtureGaussianCDF.from_data(x, num_components=6, method="em")
 final = float(nll(trained, x))
 print(f"NLL: {losses[0]:.4f} (init) -> {final:.4f} (trained, {STEPS} Adam steps)")
 print(f"EM fit on all the data: {float(nll(em, x)):.4f}")

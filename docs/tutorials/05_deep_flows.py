@@ -129,7 +129,7 @@ print(
 )
 for name, (flow, seconds) in results.items():
     print(
-        f"{name:<26} | {flow.num_params():>10} | {float(test_nll(flow)):15.3f} | "
+        f"{name:<26} | {flow.num_params:>10} | {float(test_nll(flow)):15.3f} | "
         f"{seconds:15.1f}"
     )
 

@@ -201,8 +201,8 @@ fig.tight_layout()
 # - The flow is still a pytree whose leaves are its parameters: `jax.jit`,
 #   `jax.vmap`, `jax.grad` and checkpoints work as for any flow.
 # - A TFP or distrax distribution has no context argument:
-#   `flow.to_tfp(context=c)` returns the density $p(x \mid c)$ at one
-#   fixed `c`, and `flow.distribution` is for unconditional flows only.
+#   `flow.to_tfp(context=c)` and `flow.to_distrax(context=c)` return the
+#   density $p(x \mid c)$ at one fixed `c`.
 
 # %%
 fixed = models["coupling"].to_tfp(context=jnp.array([0.5], jnp.float32))
