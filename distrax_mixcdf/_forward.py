@@ -338,8 +338,11 @@ def log_det_slope(x: jax.Array, params: Params, y: jax.Array, log_det: jax.Array
     return y * jnp.exp(log_det) - _log_density_sums(x, params, with_slope=True)[1]
 
 
-def _forward_canonical(x, params, with_slope=False):
-    """The forward on the canonical ``[rows, lanes]`` layout (`_chunks.canonical`)."""
+def _forward_and_sums(x, params, with_slope):
+    """``(y, log_det, Σ ρ_k z_k/σ_k)`` on the canonical layout (`_chunks.canonical`).
+
+    The last is zero unless ``with_slope``.
+    """
     signed_tail = _bulk_signed_tail(x, params)
     # The component loop and `ndtri` in separate kernels: fused together they
     # exceed XLA's fusion size and it splits the loop per component.
@@ -353,19 +356,17 @@ def _forward_canonical(x, params, with_slope=False):
         lambda: _tail_pass_in_chunks(y_bulk, log_det_bulk, x, params, needs_tail),
         lambda: (y_bulk, log_det_bulk),
     )
-    if with_slope:
-        return y, log_det, y * jnp.exp(log_det) - weighted_slope
-    return y, log_det
+    return y, log_det, weighted_slope
 
 
 def forward_with_curvature(x: jax.Array, params: Params):
     r"""``(y, log T'(x), T''/T')`` in the passes of the forward alone (no derivatives).
 
     For the root finder's Newton steps; see `log_det_slope` for the formula.
-    ``x`` and ``params`` must already be in the canonical layout
-    (`_chunks.canonical`), as inside the solver's chunks.
+    Runs on the layout it is given (the solver's chunks are canonical already).
     """
-    return _forward_canonical(x, params, with_slope=True)
+    y, log_det, weighted_slope = _forward_and_sums(x, params, with_slope=True)
+    return y, log_det, y * jnp.exp(log_det) - weighted_slope
 
 
 @_chunks.vmap_as_batch
@@ -389,7 +390,7 @@ def forward_primal(x: jax.Array, params: Params) -> tuple[jax.Array, jax.Array]:
       ``(y, log_det)``, both of the broadcast batch shape.
     """
     x, params, layout = _chunks.canonical(x, params)
-    y, log_det = _forward_canonical(x, params)
+    y, log_det, _ = _forward_and_sums(x, params, with_slope=False)
     return layout.restore(y), layout.restore(log_det)
 
 

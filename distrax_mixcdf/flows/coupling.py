@@ -275,7 +275,12 @@ class CouplingFlow(Flow):
         return layers + [coupling(i) for i in range(self.num_layers)]
 
     def _stacked(self):
-        """``(weights [L, ...], masks [L, D])`` for ``lax.scan``, or None."""
+        """``(weights [L, ...], masks [L, D], transformed [L, M])`` for ``lax.scan``.
+
+        ``transformed[l]`` lists layer ``l``'s transformed coordinates, padded
+        to the most any layer has by repeating its first one. None if the
+        conditioners differ in shape.
+        """
         shapes = {
             tuple(tuple(w.shape) + tuple(b.shape) for w, b in layer)
             for layer in self.conditioners
@@ -283,19 +288,40 @@ class CouplingFlow(Flow):
         if len(shapes) != 1:
             return None
         weights = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *self.conditioners)
-        return weights, jnp.asarray(self.masks)
+        indices = [[d for d, kept in enumerate(m) if not kept] for m in self.masks]
+        width = max(len(i) for i in indices)
+        transformed = np.array([i + i[:1] * (width - len(i)) for i in indices])
+        return weights, jnp.asarray(self.masks), jnp.asarray(transformed, jnp.int32)
 
     def _step(self, layer, values, context, inverse):
-        """One coupling layer, either direction: ``(values, log_det [...])``."""
-        weights, mask = layer
-        params = self._params(weights, values, mask, context)
+        """One coupling layer, either direction: ``(values, log_det [...])``.
+
+        Only the transformed coordinates are computed: the MLP's last layer
+        keeps just their columns, and the mixture runs on just them.
+        """
+        weights, mask, transformed = layer
+        inputs = _conditioner_input(values, mask, context)
+        *hidden, (w, b) = weights
+        features = jax.nn.silu(mlp(hidden, inputs)) if hidden else inputs
+        k3 = 3 * self.num_components
+        w = w.reshape(w.shape[0], self.dim, k3)[:, transformed].reshape(w.shape[0], -1)
+        b = b.reshape(self.dim, k3)[transformed].reshape(-1)
+        raw = features @ w + b
+        raw = raw.reshape((*raw.shape[:-1], transformed.shape[0], k3))
+        params = mixture_params(raw, self.anchor_weight)
         options = dict(self._settings.solver_options)
         bijector = MixtureGaussianCDF.from_params(params, **options)
         mapped = (
             bijector.inverse_and_log_det if inverse else bijector.forward_and_log_det
         )
-        out, log_det = mapped(values)
-        return jnp.where(mask, values, out), jnp.where(mask, 0, log_det).sum(-1)
+        out, log_det = mapped(values[..., transformed])
+        # Padding repeats a transformed coordinate: it writes the same value
+        # twice and its log-det is counted once.
+        first = jnp.concatenate([jnp.ones(1, bool), transformed[1:] != transformed[0]])
+        return (
+            values.at[..., transformed].set(out),
+            jnp.where(first, log_det, 0).sum(-1),
+        )
 
     def _forward(
         self, x: jax.Array, context: jax.Array | None
