@@ -1,10 +1,12 @@
 r"""Pieces the coupling and autoregressive flows share.
 
-The conditioner MLP (plain ``(W, b)`` leaves, SiLU between layers, an optional
-static mask per weight), the head that turns its output into bounded mixture
-parameters with the fixed anchor component, the near-identity start of those
-parameters, and the data-driven stem (a short greedy Gaussianization flow)
-that both builders put in front of their layers.
+:class:`MLPFlow`, their base class (a first stage, then one conditioner MLP
+per layer: validation, pytree, settings, the scan over the layers); the MLP
+(plain ``(W, b)`` leaves, SiLU between layers, an optional static mask per
+weight), its shape check and near-identity start; the head that turns its
+output into bounded mixture parameters with the fixed anchor component; and
+the data-driven stem (a short greedy Gaussianization flow) that both builders
+put in front of their layers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distrax_mixcdf._validation import check_data, check_int
+from distrax_mixcdf.flows.base import Flow, unrolled
 from distrax_mixcdf.flows.gaussianization import (
     GaussianizationFlow,
     gaussianization_flow,
@@ -27,22 +30,30 @@ from distrax_mixcdf.mixture_cdf import MixtureGaussianCDF
 
 #: What may precede the learned layers: a marginal layer, a stem, or nothing.
 FirstStage = MixtureGaussianCDF | GaussianizationFlow | None
+#: One MLP: its ``(W, b)`` pairs, input layer first.
+MLP = tuple[tuple[jax.Array, jax.Array], ...]
 
 __all__ = [
     "ANCHOR_LOG_SCALE",
     "DEFAULT_ANCHOR_WEIGHT",
     "LOG_SCALE_BOUND",
+    "MLP",
     "FirstStage",
+    "MLPFlow",
+    "broadcast_context",
     "check_anchor_weight",
     "check_stage",
+    "conditioner_input",
     "data_stem",
     "identity_mixture",
     "init_mlp",
+    "init_mlps",
     "mixture_params",
     "mlp",
+    "mlp_shapes",
+    "mlp_sizes",
     "stage_bijectors",
-    "stage_forward",
-    "stage_inverse",
+    "stage_map",
 ]
 
 # Bound on the conditioner's log-scales, |log σ| < 5 (σ in [0.0067, 148]) on
@@ -99,6 +110,52 @@ def init_mlp(
     return layers
 
 
+def init_mlps(
+    key: jax.Array,
+    num_layers: int,
+    dim: int,
+    context_dim: int | None,
+    hidden: Sequence[int],
+    num_components: int,
+    dtype: Any,
+) -> list[list[tuple[jax.Array, jax.Array]]]:
+    """One :func:`init_mlp` per layer, ``D + C`` inputs to ``D · 3K`` outputs.
+
+    Layer ``l`` draws from ``fold_in(key, l)``; every head starts at
+    :func:`identity_mixture` for every coordinate.
+    """
+    sizes = [dim + (context_dim or 0), *hidden, dim * 3 * num_components]
+    head = np.tile(identity_mixture(num_components), dim)
+    return [
+        init_mlp(jax.random.fold_in(key, layer), sizes, head, dtype)
+        for layer in range(num_layers)
+    ]
+
+
+def mlp_shapes(
+    layers: Sequence[tuple[Any, Any]],
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``[(W.shape, b.shape), …]`` of one MLP, for its checks and messages."""
+    return [(tuple(w.shape), tuple(b.shape)) for w, b in layers]
+
+
+def mlp_sizes(
+    shapes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]],
+) -> tuple[int, ...] | None:
+    """``(n_in, hidden…, n_out)`` of an MLP's :func:`mlp_shapes`, or ``None``.
+
+    ``None`` unless there is at least one pair, every weight is
+    ``[n_in, n_out]`` with a bias ``[n_out]``, and each ``n_out`` is the next
+    weight's ``n_in``.
+    """
+    if not shapes or any(len(w) != 2 or b != w[1:] for w, b in shapes):
+        return None
+    weights = [w for w, _ in shapes]
+    if any(a[1] != b[0] for a, b in itertools.pairwise(weights)):
+        return None
+    return (weights[0][0], *(w[1] for w in weights))
+
+
 def mlp(
     layers: Sequence[tuple[jax.Array, jax.Array]],
     x: jax.Array,
@@ -112,6 +169,20 @@ def mlp(
         if i < len(layers) - 1:
             x = jax.nn.silu(x)
     return x
+
+
+def conditioner_input(values: jax.Array, context: jax.Array | None) -> jax.Array:
+    """The MLP's input: ``values``, then the context (in their dtype), if any."""
+    if context is None:
+        return values
+    return jnp.concatenate([values, context.astype(values.dtype)], axis=-1)
+
+
+def broadcast_context(context: jax.Array | None, values: jax.Array) -> jax.Array | None:
+    """One fixed context ``[C]`` broadcast to the batch axes of ``values``."""
+    if context is None:
+        return None
+    return jnp.broadcast_to(context, (*values.shape[:-1], context.shape[-1]))
 
 
 def mixture_params(raw: jax.Array, anchor: float) -> jax.Array:
@@ -204,21 +275,204 @@ def stage_bijectors(marginal: FirstStage) -> list[distrax.Bijector]:
     return [marginal]
 
 
-def stage_forward(marginal: FirstStage, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Applies the first stage to data: ``(values, log_det [...])``."""
-    if isinstance(marginal, GaussianizationFlow):
-        return marginal.forward_and_log_det(x)
+def stage_map(
+    marginal: FirstStage, values: jax.Array, inverse: bool
+) -> tuple[jax.Array, jax.Array]:
+    r"""Applies the first stage to data, or inverts it: ``(values, log_det [...])``.
+
+    ``log_det`` is :math:`\log|\det J|` of the map applied (data → latent, or
+    latent → data with ``inverse``), summed over the event axis; zero without
+    a first stage.
+    """
     if marginal is None:
-        return x, jnp.zeros(x.shape[:-1], x.dtype)
-    y, log_det = marginal.forward_and_log_det(x)
-    return y, log_det.sum(-1)
+        return values, jnp.zeros(values.shape[:-1], values.dtype)
+    mapped = marginal.inverse_and_log_det if inverse else marginal.forward_and_log_det
+    out, log_det = mapped(values)
+    if isinstance(marginal, GaussianizationFlow):
+        return out, log_det
+    return out, log_det.sum(-1)
 
 
-def stage_inverse(marginal: FirstStage, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inverts the first stage: ``(data, log|dx/dz| [...])``."""
-    if isinstance(marginal, GaussianizationFlow):
-        return marginal.inverse_and_log_det(z)
-    if marginal is None:
-        return z, jnp.zeros(z.shape[:-1], z.dtype)
-    x, log_det = marginal.inverse_and_log_det(z)
-    return x, log_det.sum(-1)
+class MLPFlow(Flow):
+    r"""A first stage, then layers whose mixture parameters MLPs compute.
+
+    The base of :class:`~distrax_mixcdf.CouplingFlow` and
+    :class:`~distrax_mixcdf.AutoregressiveFlow`: an optional first stage
+    (:data:`FirstStage`, never given the context), then one MLP per layer
+    that emits the layer's :math:`K`-component mixture parameters. The pytree
+    children are ``(marginal, mlps)``, so the leaves are exactly their arrays
+    in that order; the settings are static aux data, a ``_settings_type``
+    of (layout, ``K``, sorted solver options, :math:`\alpha`, ``C``).
+
+    A subclass sets ``_settings_type`` and provides ``dim``, ``bijectors``,
+    ``_check_layout`` (its own checks; returns ``D`` and the layout) and
+    ``_step`` (one layer, either direction); it extends ``_stacked`` when its
+    layers need more than their weights.
+
+    Args:
+      marginal: The first stage, or ``None``.
+      mlps: One MLP per layer: ``(W, b)`` pairs with ``W [n_in, n_out]`` and
+        ``b [n_out]``.
+      num_components: ``K`` of the mixtures.
+      solver_options: Options of the mixtures' inverse.
+      anchor_weight: :math:`\alpha \in [0, 1)`; 0 for no anchor.
+      context_dim: The context size ``C``, or ``None``.
+      layout: What the subclass's ``_check_layout`` checks besides the MLPs.
+
+    Raises:
+      ValueError: If the shapes or counts disagree.
+    """
+
+    _settings_type: Any
+
+    def __init__(
+        self,
+        marginal: FirstStage,
+        mlps: Sequence[Sequence[tuple[Any, Any]]],
+        num_components: int,
+        *,
+        solver_options: dict[str, Any] | None,
+        anchor_weight: float,
+        context_dim: int | None,
+        layout: Any = None,
+    ):
+        mlps = tuple(
+            tuple((jnp.asarray(w), jnp.asarray(b)) for w, b in layers)
+            for layers in mlps
+        )
+        num_components = check_int(num_components, "num_components", 1)
+        anchor_weight = check_anchor_weight(anchor_weight)
+        if context_dim is not None:
+            context_dim = check_int(context_dim, "context_dim", 1)
+        dim, layout = self._check_layout(mlps, layout, num_components, context_dim)
+        check_stage(marginal, dim)
+        self.marginal = marginal
+        self._mlps: tuple[MLP, ...] = mlps
+        self._settings = self._settings_type(
+            layout,
+            num_components,
+            tuple(sorted((solver_options or {}).items())),
+            anchor_weight,
+            context_dim,
+        )
+
+    def _check_layout(
+        self,
+        mlps: tuple[MLP, ...],
+        layout: Any,
+        num_components: int,
+        context_dim: int | None,
+    ) -> tuple[int, Any]:
+        """Checks the MLPs and ``layout``: ``(D, the settings' first field)``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def tree_flatten(self):
+        """Children: the first stage and the MLP weights; the settings are static."""
+        return (self.marginal, self._mlps), self._settings
+
+    @classmethod
+    def tree_unflatten(cls, aux_data, children):
+        """Rebuilds without validation (JAX may pass placeholders as leaves)."""
+        flow = object.__new__(cls)
+        flow.marginal, flow._mlps = children
+        flow._settings = aux_data
+        return flow
+
+    @property
+    def num_components(self) -> int:
+        """``K`` of the mixtures (learned components; the anchor is one more)."""
+        return self._settings.num_components
+
+    @property
+    def num_layers(self) -> int:
+        """The number of layers (one MLP each) after the first stage."""
+        return len(self._mlps)
+
+    @property
+    def anchor_weight(self) -> float:
+        r""":math:`\alpha`, the fixed weight of each mixture's anchor component."""
+        return self._settings.anchor_weight
+
+    @property
+    def context_dim(self) -> int | None:
+        """The context size ``C``, or ``None`` for an unconditional flow."""
+        return self._settings.context_dim
+
+    def _solver_options(self) -> dict[str, Any]:
+        return dict(self._settings.solver_options)
+
+    # -- both directions: one lax.scan over the layers ---------------------------
+
+    def _step(
+        self, layer: Any, values: jax.Array, context: jax.Array | None, inverse: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """One layer of :meth:`_stacked`, either direction: ``(values, log_det)``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _stacked(self) -> Any:
+        """The MLPs stacked on a leading layer axis for ``lax.scan``.
+
+        ``None`` if their shapes differ (the layers are then applied one by
+        one).
+        """
+        if len({tuple(mlp_shapes(layers)) for layers in self._mlps}) != 1:
+            return None
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *self._mlps)
+
+    def _forward(
+        self, x: jax.Array, context: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        return self._scan(x, context, inverse=False)
+
+    def _inverse(
+        self, z: jax.Array, context: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        return self._scan(z, context, inverse=True)
+
+    def _scan(
+        self, values: jax.Array, context: jax.Array | None, inverse: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """First stage then layers (data → latent), or back: ``(values, log_det)``."""
+        values = values.astype(jnp.result_type(values.dtype, self._dtype()))
+        stacked = self._stacked()
+        if stacked is None:  # MLPs of different shapes: the unrolled stack
+            return self._unrolled(values, context, inverse)
+        if inverse:
+            log_det = jnp.zeros(values.shape[:-1], values.dtype)
+        else:
+            values, log_det = stage_map(self.marginal, values, inverse=False)
+
+        def body(carry, layer):
+            values, log_det = carry
+            values, layer_log_det = self._step(layer, values, context, inverse)
+            return (values, log_det + layer_log_det), None
+
+        (values, log_det), _ = jax.lax.scan(
+            body, (values, log_det), stacked, reverse=inverse
+        )
+        if inverse:
+            values, stage_log_det = stage_map(self.marginal, values, inverse=True)
+            log_det = log_det + stage_log_det
+        return values, log_det
+
+    def _unrolled(self, values, context, inverse):
+        """The :meth:`bijectors` one by one (vmapped over per-row contexts)."""
+        if context is None:
+            return unrolled(self.bijectors(), values, inverse)
+        batch = values.shape[:-1]
+        flat_v = values.reshape(-1, self.dim)
+        flat_c = context.reshape(-1, context.shape[-1])
+        out, log_det = jax.vmap(lambda v, c: unrolled(self.bijectors(c), v, inverse))(
+            flat_v, flat_c
+        )
+        return out.reshape(values.shape), log_det.reshape(batch)
+
+    def __repr__(self) -> str:
+        hidden = [int(w.shape[1]) for w, _ in self._mlps[0][:-1]]
+        return (
+            f"{type(self).__name__}(dim={self.dim}, num_layers={self.num_layers}, "
+            f"num_components={self.num_components}, hidden={hidden}, "
+            f"context_dim={self.context_dim}, "
+            f"marginal={type(self.marginal).__name__ if self.marginal else None}, "
+            f"num_params={self.num_params})"
+        )

@@ -24,19 +24,19 @@ import numpy as np
 from distrax_mixcdf._validation import check_int
 from distrax_mixcdf.flows._shared import (
     DEFAULT_ANCHOR_WEIGHT,
+    MLP,
     FirstStage,
-    check_anchor_weight,
-    check_stage,
+    MLPFlow,
+    broadcast_context,
+    conditioner_input,
     data_stem,
-    identity_mixture,
-    init_mlp,
+    init_mlps,
     mixture_params,
     mlp,
+    mlp_shapes,
+    mlp_sizes,
     stage_bijectors,
-    stage_forward,
-    stage_inverse,
 )
-from distrax_mixcdf.flows.base import Flow
 from distrax_mixcdf.mixture_cdf import MixtureGaussianCDF
 
 __all__ = ["AutoregressiveFlow", "autoregressive_flow", "made_masks"]
@@ -88,12 +88,6 @@ class _Settings(NamedTuple):
     context_dim: int | None
 
 
-def _inputs(x: jax.Array, context: jax.Array | None) -> jax.Array:
-    if context is None:
-        return x
-    return jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
-
-
 def _masks(settings: _Settings, weights) -> list[np.ndarray]:
     widths = [int(w.shape[-1]) for w, _ in weights[:-1]]
     return made_masks(
@@ -103,7 +97,7 @@ def _masks(settings: _Settings, weights) -> list[np.ndarray]:
 
 def _layer_forward(settings: _Settings, weights, x, context):
     """One layer, data → latent (closed form), reversal included."""
-    out = mlp(weights, _inputs(x, context), _masks(settings, weights))
+    out = mlp(weights, conditioner_input(x, context), _masks(settings, weights))
     out = out.reshape((*out.shape[:-1], settings.dim, 3 * settings.num_components))
     params = mixture_params(out, settings.anchor_weight)
     options = dict(settings.solver_options)
@@ -124,7 +118,7 @@ def _layer_inverse(settings: _Settings, weights, z, context):
 
     def step(d, carry):
         x, log_det = carry
-        h = _inputs(x, context)
+        h = conditioner_input(x, context)
         if hidden_layers:
             h = jax.nn.silu(mlp(hidden_layers, h, masks[:-1]))
         # Only coordinate d's share of the output layer: its 3K columns.
@@ -149,25 +143,23 @@ class _AutoregressiveLayer(distrax.Bijector):
         super().__init__(event_ndims_in=1, event_ndims_out=1)
         self._settings, self._weights, self._context = settings, weights, context
 
-    def _context_for(self, values: jax.Array) -> jax.Array | None:
-        if self._context is None:
-            return None
-        shape = (*values.shape[:-1], self._context.shape[-1])
-        return jnp.broadcast_to(self._context, shape)
-
     def forward_and_log_det(self, x):
         """Data → latent and its log-det."""
         x = jnp.asarray(x)
-        return _layer_forward(self._settings, self._weights, x, self._context_for(x))
+        return _layer_forward(
+            self._settings, self._weights, x, broadcast_context(self._context, x)
+        )
 
     def inverse_and_log_det(self, y):
         """Latent → data (sequential root finds) and its log-det."""
         y = jnp.asarray(y)
-        return _layer_inverse(self._settings, self._weights, y, self._context_for(y))
+        return _layer_inverse(
+            self._settings, self._weights, y, broadcast_context(self._context, y)
+        )
 
 
 @jax.tree_util.register_pytree_node_class
-class AutoregressiveFlow(Flow):
+class AutoregressiveFlow(MLPFlow):
     r"""Masked autoregressive flow with mixture-CDF transformers (MAF-style).
 
     Each layer :math:`l` maps every coordinate by its own ``K``-component
@@ -214,6 +206,8 @@ class AutoregressiveFlow(Flow):
       ValueError: If the shapes or counts disagree.
     """
 
+    _settings_type = _Settings
+
     def __init__(
         self,
         marginal: FirstStage,
@@ -224,86 +218,52 @@ class AutoregressiveFlow(Flow):
         anchor_weight: float = 0.0,
         context_dim: int | None = None,
     ):
-        layers = tuple(
-            tuple((jnp.asarray(w), jnp.asarray(b)) for w, b in layer)
-            for layer in layers
+        super().__init__(
+            marginal,
+            layers,
+            num_components,
+            solver_options=solver_options,
+            anchor_weight=anchor_weight,
+            context_dim=context_dim,
         )
-        num_components = check_int(num_components, "num_components", 1)
-        anchor_weight = check_anchor_weight(anchor_weight)
-        if context_dim is not None:
-            context_dim = check_int(context_dim, "context_dim", 1)
-        if not layers or not layers[0]:
+
+    def _check_layout(
+        self,
+        mlps: tuple[MLP, ...],
+        layout: None,
+        num_components: int,
+        context_dim: int | None,
+    ) -> tuple[int, int]:
+        """Checks that the MLPs have one shape, ``D + C`` to ``D · 3K``: ``(D, D)``."""
+        del layout  # D follows from the shapes
+        if not mlps or not mlps[0]:
             raise ValueError("`layers` must hold at least one non-empty MLP.")
-        shapes = [
-            tuple((tuple(w.shape), tuple(b.shape)) for w, b in layer)
-            for layer in layers
-        ]
-        first = shapes[0]
-        out = first[-1][0][1] if len(first[-1][0]) == 2 else 0
-        dim, rest = divmod(out, 3 * num_components)
-        n_in = dim + (context_dim or 0)
-        chained = all(len(ws) == 2 and bs == ws[1:] for ws, bs in first) and all(
-            a[0][1] == b[0][0] for a, b in itertools.pairwise(first)
-        )
+        shapes = [tuple(mlp_shapes(layers)) for layers in mlps]
+        sizes = mlp_sizes(shapes[0])
+        dim, rest = divmod(sizes[-1], 3 * num_components) if sizes else (0, 0)
         if (
-            rest
+            sizes is None
+            or rest
             or dim < 1
-            or not chained
-            or first[0][0][0] != n_in
-            or any(s != first for s in shapes)
+            or sizes[0] != dim + (context_dim or 0)
+            or any(s != shapes[0] for s in shapes)
         ):
             raise ValueError(
                 "`layers` must be MLPs of identical shapes from D + C inputs to "
                 f"D * 3K outputs (K = {num_components}, C = {context_dim or 0}) "
                 f"through [n_in, n_out] weights and [n_out] biases, got {shapes}."
             )
-        check_stage(marginal, dim)
-        self.marginal = marginal
-        self.layers = layers
-        self._settings = _Settings(
-            dim,
-            num_components,
-            tuple(sorted((solver_options or {}).items())),
-            anchor_weight,
-            context_dim,
-        )
+        return dim, dim
 
-    def tree_flatten(self):
-        """Children: the first stage and the MLP weights; the settings are static."""
-        return (self.marginal, self.layers), self._settings
-
-    @classmethod
-    def tree_unflatten(cls, aux_data, children):
-        """Rebuilds without validation (JAX may pass placeholders as leaves)."""
-        flow = object.__new__(cls)
-        flow.marginal, flow.layers = children
-        flow._settings = aux_data
-        return flow
+    @property
+    def layers(self) -> tuple[MLP, ...]:
+        """One masked MLP per layer: a tuple of ``(W, b)`` pairs."""
+        return self._mlps
 
     @property
     def dim(self) -> int:
         """The event size ``D``."""
         return self._settings.dim
-
-    @property
-    def context_dim(self) -> int | None:
-        """The context size ``C``, or ``None`` for an unconditional flow."""
-        return self._settings.context_dim
-
-    @property
-    def num_components(self) -> int:
-        """``K`` of the mixtures."""
-        return self._settings.num_components
-
-    @property
-    def num_layers(self) -> int:
-        """The number of autoregressive layers."""
-        return len(self.layers)
-
-    @property
-    def anchor_weight(self) -> float:
-        r""":math:`\alpha`, the fixed weight of each mixture's anchor component."""
-        return self._settings.anchor_weight
 
     def bijectors(self, context: Any = None) -> list[distrax.Bijector]:
         """``[first stage…, layer_1, …]``: the data → latent layers in order.
@@ -319,47 +279,10 @@ class AutoregressiveFlow(Flow):
         layers = [_AutoregressiveLayer(self._settings, w, context) for w in self.layers]
         return stage_bijectors(self.marginal) + layers
 
-    def _stacked(self):
-        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *self.layers)
-
-    def _forward(
-        self, x: jax.Array, context: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array]:
-        x = x.astype(jnp.result_type(x.dtype, self._dtype()))
-        x, log_det = stage_forward(self.marginal, x)
-
-        def body(carry, weights):
-            z, log_det = carry
-            y, ld = _layer_forward(self._settings, weights, z, context)
-            return (y, log_det + ld), None
-
-        (z, log_det), _ = jax.lax.scan(body, (x, log_det), self._stacked())
-        return z, log_det
-
-    def _inverse(
-        self, z: jax.Array, context: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array]:
-        z = z.astype(jnp.result_type(z.dtype, self._dtype()))
-
-        def body(carry, weights):
-            y, log_det = carry
-            x, ld = _layer_inverse(self._settings, weights, y, context)
-            return (x, log_det + ld), None
-
-        init = (z, jnp.zeros(z.shape[:-1], z.dtype))
-        (x, log_det), _ = jax.lax.scan(body, init, self._stacked(), reverse=True)
-        x, stage_log_det = stage_inverse(self.marginal, x)
-        return x, log_det + stage_log_det
-
-    def __repr__(self) -> str:
-        hidden = [int(w.shape[1]) for w, _ in self.layers[0][:-1]]
-        return (
-            f"AutoregressiveFlow(dim={self.dim}, num_layers={self.num_layers}, "
-            f"num_components={self.num_components}, hidden={hidden}, "
-            f"context_dim={self.context_dim}, "
-            f"marginal={type(self.marginal).__name__ if self.marginal else None}, "
-            f"num_params={self.num_params})"
-        )
+    def _step(self, layer, values, context, inverse):
+        """One layer, either direction: ``(values, log_det [...])``."""
+        step = _layer_inverse if inverse else _layer_forward
+        return step(self._settings, layer, values, context)
 
 
 def autoregressive_flow(
@@ -452,12 +375,7 @@ def autoregressive_flow(
         stem_layers=stem_layers,
         dtype=dtype,
     )
-    sizes = [dim + (context_dim or 0), *hidden, dim * 3 * num_components]
-    head = np.tile(identity_mixture(num_components), dim)
-    layers = [
-        init_mlp(jax.random.fold_in(key, layer), sizes, head, dtype)
-        for layer in range(num_layers)
-    ]
+    layers = init_mlps(key, num_layers, dim, context_dim, hidden, num_components, dtype)
     return AutoregressiveFlow(
         marginal,
         layers,

@@ -11,7 +11,6 @@ closed form.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -23,19 +22,19 @@ import numpy as np
 from distrax_mixcdf._validation import check_int
 from distrax_mixcdf.flows._shared import (
     DEFAULT_ANCHOR_WEIGHT,
+    MLP,
     FirstStage,
-    check_anchor_weight,
-    check_stage,
+    MLPFlow,
+    broadcast_context,
+    conditioner_input,
     data_stem,
-    identity_mixture,
-    init_mlp,
+    init_mlps,
     mixture_params,
     mlp,
+    mlp_shapes,
+    mlp_sizes,
     stage_bijectors,
-    stage_forward,
-    stage_inverse,
 )
-from distrax_mixcdf.flows.base import Flow, unrolled
 from distrax_mixcdf.mixture_cdf import MixtureGaussianCDF
 
 __all__ = ["CouplingFlow", "coupling_flow"]
@@ -55,10 +54,7 @@ def _conditioner_input(
     values: jax.Array, mask: Any, context: jax.Array | None
 ) -> jax.Array:
     """The MLP's input: the kept coordinates (others zeroed), then the context."""
-    kept = jnp.where(mask, values, 0)
-    if context is None:
-        return kept
-    return jnp.concatenate([kept, context.astype(kept.dtype)], axis=-1)
+    return conditioner_input(jnp.where(mask, values, 0), context)
 
 
 def _coupling_params(
@@ -75,7 +71,7 @@ def _coupling_params(
 
 
 @jax.tree_util.register_pytree_node_class
-class CouplingFlow(Flow):
+class CouplingFlow(MLPFlow):
     r"""Coupling flow with mixture-CDF inner bijectors (Flow++-style).
 
     Each coupling layer :math:`l` keeps the coordinates :math:`x_m` where
@@ -136,6 +132,8 @@ class CouplingFlow(Flow):
       ValueError: If the shapes or counts disagree.
     """
 
+    _settings_type = _Settings
+
     def __init__(
         self,
         marginal: FirstStage,
@@ -148,87 +146,58 @@ class CouplingFlow(Flow):
         context_dim: int | None = None,
     ):
         masks = tuple(tuple(bool(v) for v in np.asarray(m).reshape(-1)) for m in masks)
-        conditioners = tuple(
-            tuple((jnp.asarray(w), jnp.asarray(b)) for w, b in layer)
-            for layer in conditioners
+        super().__init__(
+            marginal,
+            conditioners,
+            num_components,
+            solver_options=solver_options,
+            anchor_weight=anchor_weight,
+            context_dim=context_dim,
+            layout=masks,
         )
-        num_components = check_int(num_components, "num_components", 1)
-        anchor_weight = check_anchor_weight(anchor_weight)
-        if context_dim is not None:
-            context_dim = check_int(context_dim, "context_dim", 1)
-        if len(masks) != len(conditioners) or not masks:
+
+    def _check_layout(
+        self,
+        mlps: tuple[MLP, ...],
+        layout: tuple[tuple[bool, ...], ...],
+        num_components: int,
+        context_dim: int | None,
+    ) -> tuple[int, tuple[tuple[bool, ...], ...]]:
+        """Checks the masks and the conditioners' shapes: ``(D, masks)``."""
+        masks = layout
+        if len(masks) != len(mlps) or not masks:
             raise ValueError(
-                f"`masks` ({len(masks)}) and `conditioners` ({len(conditioners)}) "
+                f"`masks` ({len(masks)}) and `conditioners` ({len(mlps)}) "
                 "must have the same, non-zero length."
             )
         dim, n_context = len(masks[0]), context_dim or 0
         fewest_kept = 0 if context_dim else 1
-        for i, (mask, layer) in enumerate(zip(masks, conditioners, strict=True)):
+        want_in, want_out = dim + n_context, dim * 3 * num_components
+        for i, (mask, layers) in enumerate(zip(masks, mlps, strict=True)):
             if len(mask) != dim or not fewest_kept <= sum(mask) < dim:
                 raise ValueError(
                     f"`masks[{i}]` must have D = {dim} entries with at least "
                     f"{fewest_kept} kept and one transformed, got {mask}."
                 )
-            want_in, want_out = dim + n_context, dim * 3 * num_components
-            shapes = [(tuple(w.shape), tuple(b.shape)) for w, b in layer]
-            ok = (
-                bool(layer)
-                and all(len(ws) == 2 and bs == ws[1:] for ws, bs in shapes)
-                and all(a[0][1] == b[0][0] for a, b in itertools.pairwise(shapes))
-            )
-            if not ok or shapes[0][0][0] != want_in or shapes[-1][0][1] != want_out:
+            shapes = mlp_shapes(layers)
+            sizes = mlp_sizes(shapes)
+            if sizes is None or sizes[0] != want_in or sizes[-1] != want_out:
                 raise ValueError(
                     f"`conditioners[{i}]` must map D + C = {want_in} inputs to "
                     f"D * 3K = {want_out} outputs through [n_in, n_out] weights "
                     f"and [n_out] biases, got shapes {shapes}."
                 )
-        check_stage(marginal, dim)
-        self.marginal = marginal
-        self.conditioners = conditioners
-        self._settings = _Settings(
-            masks,
-            num_components,
-            tuple(sorted((solver_options or {}).items())),
-            anchor_weight,
-            context_dim,
-        )
+        return dim, masks
 
-    def tree_flatten(self):
-        """Children: the first stage and the MLP weights; the settings are static."""
-        return (self.marginal, self.conditioners), self._settings
-
-    @classmethod
-    def tree_unflatten(cls, aux_data, children):
-        """Rebuilds without validation (JAX may pass placeholders as leaves)."""
-        flow = object.__new__(cls)
-        flow.marginal, flow.conditioners = children
-        flow._settings = aux_data
-        return flow
+    @property
+    def conditioners(self) -> tuple[MLP, ...]:
+        """One MLP per coupling layer: a tuple of ``(W, b)`` pairs."""
+        return self._mlps
 
     @property
     def masks(self) -> tuple[tuple[bool, ...], ...]:
         """One boolean mask per coupling layer (true = kept unchanged)."""
         return self._settings.masks
-
-    @property
-    def num_components(self) -> int:
-        """``K`` of the coupling mixtures."""
-        return self._settings.num_components
-
-    @property
-    def num_layers(self) -> int:
-        """The number of coupling layers."""
-        return len(self._settings.masks)
-
-    @property
-    def anchor_weight(self) -> float:
-        r""":math:`\alpha`, the fixed weight of each coupling's anchor component."""
-        return self._settings.anchor_weight
-
-    @property
-    def context_dim(self) -> int | None:
-        """The context size ``C``, or ``None`` for an unconditional flow."""
-        return self._settings.context_dim
 
     @property
     def dim(self) -> int:
@@ -252,17 +221,13 @@ class CouplingFlow(Flow):
           The list of distrax bijectors.
         """
         context = self._checked_context(context, None)
-        options = dict(self._settings.solver_options)
+        options = self._solver_options()
 
         def coupling(layer: int) -> distrax.MaskedCoupling:
             weights, mask = self.conditioners[layer], jnp.asarray(self.masks[layer])
 
             def conditioner(masked_x):
-                c = None
-                if context is not None:
-                    c = jnp.broadcast_to(
-                        context, (*masked_x.shape[:-1], context.shape[-1])
-                    )
+                c = broadcast_context(context, masked_x)
                 return self._params(weights, masked_x, mask, c)
 
             return distrax.MaskedCoupling(
@@ -281,13 +246,9 @@ class CouplingFlow(Flow):
         to the most any layer has by repeating its first one. None if the
         conditioners differ in shape.
         """
-        shapes = {
-            tuple(tuple(w.shape) + tuple(b.shape) for w, b in layer)
-            for layer in self.conditioners
-        }
-        if len(shapes) != 1:
+        weights = super()._stacked()
+        if weights is None:
             return None
-        weights = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *self.conditioners)
         indices = [[d for d, kept in enumerate(m) if not kept] for m in self.masks]
         width = max(len(i) for i in indices)
         transformed = np.array([i + i[:1] * (width - len(i)) for i in indices])
@@ -309,8 +270,7 @@ class CouplingFlow(Flow):
         raw = features @ w + b
         raw = raw.reshape((*raw.shape[:-1], transformed.shape[0], k3))
         params = mixture_params(raw, self.anchor_weight)
-        options = dict(self._settings.solver_options)
-        bijector = MixtureGaussianCDF.from_params(params, **options)
+        bijector = MixtureGaussianCDF.from_params(params, **self._solver_options())
         mapped = (
             bijector.inverse_and_log_det if inverse else bijector.forward_and_log_det
         )
@@ -321,63 +281,6 @@ class CouplingFlow(Flow):
         return (
             values.at[..., transformed].set(out),
             jnp.where(first, log_det, 0).sum(-1),
-        )
-
-    def _forward(
-        self, x: jax.Array, context: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array]:
-        x = x.astype(jnp.result_type(x.dtype, self._dtype()))
-        stacked = self._stacked()
-        if stacked is None:  # conditioners of different shapes: unrolled stack
-            return self._unrolled(x, context, inverse=False)
-        x, log_det = stage_forward(self.marginal, x)
-
-        def body(carry, layer):
-            z, log_det = carry
-            y, ld = self._step(layer, z, context, inverse=False)
-            return (y, log_det + ld), None
-
-        (z, log_det), _ = jax.lax.scan(body, (x, log_det), stacked)
-        return z, log_det
-
-    def _inverse(
-        self, z: jax.Array, context: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array]:
-        z = z.astype(jnp.result_type(z.dtype, self._dtype()))
-        stacked = self._stacked()
-        if stacked is None:
-            return self._unrolled(z, context, inverse=True)
-
-        def body(carry, layer):
-            y, log_det = carry
-            x, ld = self._step(layer, y, context, inverse=True)
-            return (x, log_det + ld), None
-
-        init = (z, jnp.zeros(z.shape[:-1], z.dtype))
-        (x, log_det), _ = jax.lax.scan(body, init, stacked, reverse=True)
-        x, stage_log_det = stage_inverse(self.marginal, x)
-        return x, log_det + stage_log_det
-
-    def _unrolled(self, values, context, inverse):
-        if context is None:
-            return unrolled(self.bijectors(), values, inverse)
-        # Per-row contexts: vmap the fixed-context stack over the batch axes.
-        batch = values.shape[:-1]
-        flat_v = values.reshape(-1, self.dim)
-        flat_c = context.reshape(-1, context.shape[-1])
-        out, log_det = jax.vmap(lambda v, c: unrolled(self.bijectors(c), v, inverse))(
-            flat_v, flat_c
-        )
-        return out.reshape(values.shape), log_det.reshape(batch)
-
-    def __repr__(self) -> str:
-        hidden = [int(w.shape[1]) for w, _ in self.conditioners[0][:-1]]
-        return (
-            f"CouplingFlow(dim={self.dim}, num_layers={self.num_layers}, "
-            f"num_components={self.num_components}, hidden={hidden}, "
-            f"context_dim={self.context_dim}, "
-            f"marginal={type(self.marginal).__name__ if self.marginal else None}, "
-            f"num_params={self.num_params})"
         )
 
 
@@ -496,12 +399,9 @@ def coupling_flow(
         else:
             mask = ~masks[-1]
         masks.append(mask)
-    sizes = [dim + (context_dim or 0), *hidden, dim * 3 * num_components]
-    head = np.tile(identity_mixture(num_components), dim)
-    conditioners = [
-        init_mlp(jax.random.fold_in(weight_key, layer), sizes, head, dtype)
-        for layer in range(num_layers)
-    ]
+    conditioners = init_mlps(
+        weight_key, num_layers, dim, context_dim, hidden, num_components, dtype
+    )
     return CouplingFlow(
         marginal,
         conditioners,

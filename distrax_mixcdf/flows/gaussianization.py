@@ -26,6 +26,7 @@ from distrax_mixcdf.flows.base import Flow, unrolled
 from distrax_mixcdf.flows.rotations import (
     FixedRotation,
     Householder,
+    haar_matrix,
     householder_qr,
     pca_matrix,
     reflect,
@@ -486,12 +487,7 @@ def gaussianization_flow(
         if rotation_init == "pca":
             w = pca_matrix(z_fit)
         else:
-            g = np.asarray(
-                jax.random.normal(jax.random.fold_in(rotation_key, layer), (dim, dim)),
-                np.float64,
-            )
-            q, r = np.linalg.qr(g)
-            w = q * np.sign(np.diag(r))
+            w = haar_matrix(jax.random.fold_in(rotation_key, layer), dim)
         if rotation == "householder":
             # Flip output signs so that W's Householder QR has R = I: exactly
             # D − 1 reflections, and the flow is unchanged in distribution.

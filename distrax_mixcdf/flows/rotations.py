@@ -17,8 +17,8 @@ inverse:
 
 Reflections are applied in order, ``vectors[0]`` first, which
 :meth:`Householder.from_matrix` relies on. :func:`reflect`,
-:func:`householder_qr` and :func:`pca_matrix` are the array-level pieces the
-greedy Gaussianization flow uses too.
+:func:`householder_qr`, :func:`pca_matrix` and :func:`haar_matrix` are the
+array-level pieces the greedy Gaussianization flow uses too.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FixedRotation", "Householder", "householder_qr", "pca_matrix", "reflect"]
+__all__ = [
+    "FixedRotation",
+    "Householder",
+    "haar_matrix",
+    "householder_qr",
+    "pca_matrix",
+    "reflect",
+]
 
 
 def _as_float_array(name: str, value: Any, min_ndim: int) -> jax.Array:
@@ -181,10 +188,8 @@ class Householder(distrax.Bijector):
           ValueError: If ``matrix`` is not square or not orthogonal.
         """
         w = np.asarray(matrix)
-        if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] < 1:
-            raise ValueError(f"`matrix` must be square [D, D], got shape {w.shape}.")
-        dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
         _check_orthogonal(w, "matrix")
+        dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
         dim = w.shape[0]
         vectors, signs = householder_qr(w)
         # W^T = G_0 ⋯ G_{D-2} R with R = diag(signs), so W = R G_{D-2} ⋯ G_0.
@@ -316,6 +321,9 @@ class Householder(distrax.Bijector):
 
 
 def _check_orthogonal(w: np.ndarray, argument: str) -> None:
+    """Raises ``ValueError`` unless ``w`` is square, finite and orthogonal."""
+    if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] < 1:
+        raise ValueError(f"`{argument}` must be square [D, D], got shape {w.shape}.")
     eps = np.finfo(w.dtype).eps if np.issubdtype(w.dtype, np.floating) else 1e-7
     tol = max(1e-5, 100 * w.shape[0] * eps)
     if not np.all(np.isfinite(w)):
@@ -384,8 +392,6 @@ class FixedRotation(distrax.Bijector):
                 f"`matrix` must be a floating-point array, got dtype {w.dtype} "
                 f"with shape {w.shape}."
             )
-        if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] < 1:
-            raise ValueError(f"`matrix` must be square [D, D], got shape {w.shape}.")
         _check_orthogonal(w, "matrix")
         # Store in the dtype JAX will compute in (float64 becomes float32
         # without x64), so applying it never triggers a truncation warning.
@@ -445,10 +451,7 @@ class FixedRotation(distrax.Bijector):
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"`dim` must be a positive integer, got {dim!r}.")
         dtype = jnp.result_type(float) if dtype is None else dtype
-        g = np.asarray(jax.random.normal(key, (int(dim), int(dim))), np.float64)
-        q, r = np.linalg.qr(g)
-        q = q * np.sign(np.diag(r))  # Haar measure (Mezzadri 2007)
-        return cls(q.astype(dtype))
+        return cls(haar_matrix(key, int(dim)).astype(dtype))
 
     @property
     def dim(self) -> int:
@@ -512,3 +515,23 @@ def pca_matrix(data: np.ndarray) -> np.ndarray:
     vecs = vecs[:, ::-1]
     signs = np.sign(vecs[np.argmax(np.abs(vecs), axis=0), np.arange(vecs.shape[1])])
     return (vecs * np.where(signs == 0, 1.0, signs)).T
+
+
+def haar_matrix(key: jax.Array, dim: int) -> np.ndarray:
+    r"""A Haar-random orthogonal ``[D, D]`` matrix, in float64 on the host.
+
+    :math:`W = Q \operatorname{diag}(\operatorname{sign} \operatorname{diag} R)`
+    for the QR factorisation :math:`G = QR` of a standard-normal ``G`` drawn
+    from ``key``: the sign fix makes :math:`W` exactly Haar-distributed
+    (Mezzadri 2007).
+
+    Args:
+      key: PRNG key.
+      dim: ``D``.
+
+    Returns:
+      ``W`` as a float64 NumPy array.
+    """
+    g = np.asarray(jax.random.normal(key, (dim, dim)), np.float64)
+    q, r = np.linalg.qr(g)
+    return q * np.sign(np.diag(r))
