@@ -9,8 +9,9 @@ data) and the default `coupling_flow(key, D, data=x)` after the same `fit` must
 score a large held-out sample within 0.05 nats per dimension of a
 full-covariance Gaussian fitted to the same rows (the baseline, in NumPy). `fit`
 must never return a model whose validation loss is above the one it started
-from, and on the held-out sample the fine-tuned flow must stay within 0.05
-nats per dimension of its start.
+from, and the fine-tuned flow must score the held-out sample no worse than its
+start (to 0.005 nats per dimension): `fit` keeps the start unless the
+validation gain is clear (restore-best's margin, `improvement_z`).
 
 Every case has the same shapes (100 training rows, 50 validation rows, D = 4)
 so that the greedy fits, the training step and the scoring compile once and
@@ -26,6 +27,7 @@ from distrax_mixcdf import coupling_flow, fit, gaussianization_flow
 
 D, N_TRAIN, N_VAL, N_TEST = 4, 100, 50, 1000
 MARGIN = 0.05  # nats per dimension
+TUNE_SLACK = 0.005  # nats per dimension: fine-tuning never makes things worse
 STEPS = 50
 OPTIMIZER = optax.adam(1e-3)  # one object: every fit with the same shapes shares a step
 
@@ -133,7 +135,7 @@ def test_gaussianization_flow_defaults_match_or_beat_the_gaussian(case):
     )
     assert greedy_nll <= baseline + MARGIN
     assert tuned_nll <= baseline + MARGIN
-    assert tuned_nll <= greedy_nll + MARGIN
+    assert tuned_nll <= greedy_nll + TUNE_SLACK
 
 
 def test_coupling_flow_defaults_match_or_beat_the_gaussian(case):
@@ -146,4 +148,4 @@ def test_coupling_flow_defaults_match_or_beat_the_gaussian(case):
         f"fine-tuned {tuned_nll:.3f} nats/dim"
     )
     assert tuned_nll <= baseline + MARGIN
-    assert tuned_nll <= start_nll + MARGIN
+    assert tuned_nll <= start_nll + TUNE_SLACK

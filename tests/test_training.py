@@ -20,7 +20,13 @@ import scipy.special as sps
 import scipy.stats as st
 import tensorflow_probability.substrates.jax as tfp
 
-from distrax_mixcdf import FitResult, MixtureGaussianCDF, fit, normalizing_flow
+from distrax_mixcdf import (
+    FitResult,
+    MixtureGaussianCDF,
+    fit,
+    normalizing_flow,
+    training,
+)
 
 tfd = tfp.distributions
 
@@ -489,6 +495,185 @@ def test_fit_returns_the_initial_model_when_no_step_beats_it():
     np.testing.assert_array_equal(result.val_steps, [0, 10, 20, 30, 40])
 
 
+# -- fit: restore-best's margin over the initial model ---------------------------------
+
+
+def _paired_t(start_rows, rows):
+    """The paired t statistic of the per-row gains, by hand (float64, ddof=1)."""
+    gains = np.asarray(start_rows, np.float64) - np.asarray(rows, np.float64)
+    return gains.mean() / (gains.std(ddof=1) / np.sqrt(len(gains)))
+
+
+def test_fit_margin_is_the_paired_t_statistic_of_the_validation_rows():
+    # A poor start, a real gain: the margin lets the trained parameters through
+    # up to exactly the paired t statistic of the per-row validation NLLs
+    # (scipy, float64), and keeps the start just above it.
+    rng = np.random.default_rng(8)
+    loc, scale = np.array([0.6, -0.4]), np.array([1.8, 0.7])
+    train = (loc + scale * rng.normal(size=(200, 2))).astype(np.float32)
+    val = (loc + scale * rng.normal(size=(40, 2))).astype(np.float32)
+    start = distrax.Normal(jnp.zeros(2), jnp.ones(2))  # [D] parameters, [N, D] data
+    kwargs = dict(steps=40, validation_data=val, eval_every=10, show_progress=False)
+    free = fit(start, train, improvement_z=0, **kwargs)  # the plain restore-best
+    assert free.best_step == free.val_steps[np.argmin(free.val_losses)] == 40
+
+    def rows(normal):  # a row's NLL is the joint of its D coordinates
+        mean, std = (np.asarray(a, np.float64) for a in (normal.loc, normal.scale))
+        return -st.norm.logpdf(val.astype(np.float64), mean, std).sum(-1)
+
+    t = _paired_t(rows(start), rows(free.model))
+    assert 3.0 < t < 4.5, t
+    # What the margin must not be: the unpaired statistic, or ddof=0 (1.3% off).
+    start_rows, rows_40 = rows(start), rows(free.model)
+    unpaired = (start_rows.mean() - rows_40.mean()) / np.sqrt(
+        (start_rows.var(ddof=1) + rows_40.var(ddof=1)) / len(val)
+    )
+    assert unpaired < 0.5 * t
+    assert abs(t * np.sqrt(39 / 40) - t) > 0.01 * t
+
+    for z, returned in ((0.998 * t, 40), (1.002 * t, 0), (2.0, 40)):
+        result = fit(start, train, improvement_z=z, **kwargs)
+        np.testing.assert_array_equal(result.val_losses, free.val_losses)
+        assert result.best_step == returned, (z, t)
+        expected = free.model if returned else start
+        np.testing.assert_array_equal(result.model.loc, expected.loc)
+        np.testing.assert_array_equal(result.model.scale, expected.scale)
+        assert result.best_val_loss == result.val_losses[returned // 10]
+    default = fit(start, train, **kwargs)  # t is above the default z = 3
+    assert default.best_step == 40
+
+    # The decision rule's edge cases, on per-row losses given directly.
+    clearly_better = training._clearly_better
+    assert clearly_better([np.inf, 1.0], [5.0, 1.0], 2.0)  # an infinite start loses
+    assert clearly_better([np.nan, 1.0], [5.0, 1.0], 2.0)
+    assert not clearly_better([2.0], [1.0], 2.0)  # one row: no standard error
+    assert clearly_better([2.0, 3.0], [1.0, 2.0], 1e6)  # no spread: any gain is clear
+    assert not clearly_better([2.0, 3.0], [2.0, 3.0], 0.5)  # no gain
+
+
+@jax.tree_util.register_pytree_node_class
+class _GaussianMixture:
+    """A 1-D Gaussian mixture with only raw parameters as leaves (cheap to fit)."""
+
+    def __init__(self, logits, means, log_scales):
+        self.logits, self.means, self.log_scales = logits, means, log_scales
+
+    def tree_flatten(self):
+        return (self.logits, self.means, self.log_scales), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(*children)
+
+    def log_prob(self, x):
+        z = (x[..., None] - self.means) * jnp.exp(-self.log_scales)
+        log_components = -0.5 * z**2 - self.log_scales - 0.5 * np.log(2 * np.pi)
+        log_weights = jax.nn.log_softmax(self.logits)
+        return jax.nn.logsumexp(log_weights + log_components, axis=-1)
+
+
+_TRUE_MIXTURE = (np.array([0.5, 0.3, 0.2]), np.array([-2.0, 0.5, 2.5]), [0.6, 1.0, 0.4])
+
+
+def _sample_true_mixture(rng, n):
+    weights, means, scales = _TRUE_MIXTURE
+    k = rng.choice(3, size=n, p=weights)
+    return (means[k] + np.asarray(scales)[k] * rng.normal(size=n)).astype(np.float32)
+
+
+def _mixture_nll(model, x):  # scipy float64, per row
+    return -mixture_log_pdf(x, model.logits, model.means, model.log_scales)
+
+
+def test_fit_margin_keeps_a_start_that_fine_tuning_overfits():
+    # The start is the data-generating mixture itself, the best a greedy fit
+    # could hope for: on new rows, no fine-tuning on 120 rows can beat it. Many
+    # steps at a high learning rate chase the 120 training rows; plain
+    # restore-best on 40 validation rows takes a validation gain that is noise
+    # and returns a model worse on 4000 test rows. The margin keeps the start.
+    rng = np.random.default_rng(0)
+    train, val, test = (_sample_true_mixture(rng, n) for n in (120, 40, 4000))
+    weights, means, scales = _TRUE_MIXTURE
+    start = _GaussianMixture(
+        jnp.asarray(np.log(weights), jnp.float32),
+        jnp.asarray(means, jnp.float32),
+        jnp.asarray(np.log(scales), jnp.float32),
+    )
+    optimizer = optax.adam(0.05)
+    kwargs = dict(steps=200, validation_data=val, eval_every=10, show_progress=False)
+    free = fit(start, train, optimizer, improvement_z=0, **kwargs)
+    tuned = fit(start, train, optimizer, **kwargs)
+
+    def test_nll(model):
+        return _mixture_nll(model, test).mean()
+
+    # Without the margin: a lower validation loss, a higher test NLL.
+    assert free.best_step > 0
+    assert free.best_val_loss < free.val_losses[0] - 0.03
+    assert test_nll(free.model) > test_nll(start) + 0.01
+    t = _paired_t(_mixture_nll(start, val), _mixture_nll(free.model, val))
+    assert 0 < t < 1.5, t  # the validation gain is within noise
+    # With it: the start, so neither validation nor test loss is worse.
+    assert tuned.best_step == 0
+    assert tuned.best_val_loss == tuned.val_losses[0]
+    np.testing.assert_allclose(
+        tuned.val_losses[0], _mixture_nll(start, val).mean(), rtol=1e-5
+    )
+    for got, want in zip(
+        jax.tree_util.tree_leaves(tuned.model),
+        jax.tree_util.tree_leaves(start),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+    assert test_nll(tuned.model) == test_nll(start)
+
+    # A poor start (one wide blob) with 400 validation rows: the gain is clear
+    # and the trained parameters come back, much better on the test rows.
+    blob = _GaussianMixture(
+        jnp.zeros(3), jnp.asarray([-0.1, 0.0, 0.1]), jnp.full(3, np.log(3.0))
+    )
+    val_400 = _sample_true_mixture(rng, 400)
+    kwargs["validation_data"] = val_400
+    helped = fit(blob, train, optimizer, **kwargs)
+    assert helped.best_step == helped.val_steps[np.argmin(helped.val_losses)] > 0
+    assert (
+        _paired_t(_mixture_nll(blob, val_400), _mixture_nll(helped.model, val_400)) > 5
+    )
+    assert test_nll(helped.model) < test_nll(blob) - 0.2
+
+
+def test_fit_margin_does_not_apply_to_a_custom_loss():
+    # A custom loss need not be a mean over rows, so fit does not split it: the
+    # lowest validation loss wins whatever improvement_z is. One validation row
+    # with the default loss: no standard error, so the start is kept.
+    rng = np.random.default_rng(9)
+    train = (1.0 + rng.normal(size=64)).astype(np.float32)
+    val = (1.0 + rng.normal(size=8)).astype(np.float32)
+
+    def loss_fn(params, x):
+        return -jnp.mean(distrax.Normal(params["loc"], 1.0).log_prob(x))
+
+    kwargs = dict(steps=20, eval_every=10, show_progress=False)
+    custom = fit(
+        {"loc": jnp.zeros(())},
+        train,
+        loss_fn=loss_fn,
+        validation_data=val,
+        improvement_z=1e6,
+        **kwargs,
+    )
+    assert custom.best_step == 20
+    start = distrax.Normal(jnp.zeros(()), jnp.ones(()))
+    one_row = fit(start, train, validation_data=val[:1], **kwargs)
+    assert one_row.val_losses[-1] < one_row.val_losses[0]
+    assert one_row.best_step == 0
+    assert (
+        fit(start, train, validation_data=val[:1], improvement_z=0, **kwargs).best_step
+        == 20
+    )
+
+
 def test_fit_result_curves_and_plot():
     import matplotlib
 
@@ -534,6 +719,9 @@ def test_fit_rejects_bad_arguments():
         fit({"w": jnp.zeros(2)}, x, loss_fn=lambda p, b: p["w"] * b.sum(), **quiet)
     with pytest.raises(ValueError, match="steps"):
         fit(normal, x, steps=-1, show_progress=False)
+    for bad in (-1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="improvement_z"):
+            fit(normal, x, validation_data=x, improvement_z=bad, **quiet)
     shift = distrax.ScalarAffine(shift=jnp.zeros(2))
     with pytest.raises(ValueError, match=r"event_shape=\(3,\)"):
         fit(shift, x, event_shape=(3,), **quiet)
