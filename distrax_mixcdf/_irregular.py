@@ -53,10 +53,17 @@ def saturation_threshold(dtype) -> float:
 
 
 def forward_reach(params) -> jax.Array:
-    """Below this ``|x|`` no element can be saturated (see `forward_saturation`)."""
+    r"""Below this ``|x|`` no element can be saturated (see `forward_saturation`).
+
+    .. math:: t\,e^{\max_k \log\sigma_k} - \max_k |\mu_k|
+              \le \max_k (t\,\sigma_k - |\mu_k|):
+
+    a valid lower bound that needs one ``exp`` per element, not one per component.
+    """
     _, means, log_scales = params
     threshold = saturation_threshold(means.dtype)
-    return jnp.max(threshold * jnp.exp(log_scales) - jnp.abs(means), axis=-1)
+    widest = threshold * jnp.exp(jnp.max(log_scales, axis=-1))
+    return widest - jnp.max(jnp.abs(means), axis=-1)
 
 
 def forward_saturation(x, params):
