@@ -16,7 +16,8 @@ Why the Mills ratio: far in a tail, ``log f(x) - log φ(y)`` subtracts two numbe
 of size ``y²/2`` and keeps only ``eps·y²`` of accuracy. Writing ``φ(y) = Q(y)/R(y)``
 turns every such difference into a ratio of O(1) quantities. The mixture code
 (`_forward.py`) relies on this; change the thresholds here only together with
-`tests/test_gaussian.py` (and its float64 twin), which check them against mpmath.
+`tests/numerics/test_gaussian.py` (and its float64 twin), which check them against
+mpmath.
 """
 
 from __future__ import annotations

@@ -1,13 +1,22 @@
-"""Shared pytest configuration: bounded hypothesis profiles.
+"""Shared pytest configuration: bounded hypothesis profiles, `helpers` import.
 
 `ci` (default) keeps property tests to a handful of examples so the suite stays
 well under five minutes on two cores; `thorough` (HYPOTHESIS_PROFILE=thorough)
-is for runs by hand.
+is for runs by hand. Test modules in every folder below import the one shared
+helper module, `tests/helpers.py`, as `helpers`.
 """
 
 import os
+import pathlib
+import sys
 
 from hypothesis import HealthCheck, settings
+
+# `tests/` on the path, so that `import helpers` works from every folder and
+# in the float64 child process.
+_HERE = str(pathlib.Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 settings.register_profile(
     "ci",

@@ -1,10 +1,10 @@
-"""The transformation contract in float32 (`_contract.py`; float64 apart)."""
+"""The transformation contract in float32 (`helpers`; float64 apart)."""
 
-import _contract
+import helpers
 import numpy as np
 import pytest
 
 
-@pytest.mark.parametrize(("name", "transform"), _contract.CELLS_FLOAT32)
+@pytest.mark.parametrize(("name", "transform"), helpers.CONTRACT_CELLS_FLOAT32)
 def test_same_numbers_under_every_transformation(name, transform):
-    _contract.check(name, transform, np.float32)
+    helpers.check_contract_cell(name, transform, np.float32)

@@ -7,8 +7,8 @@ there only, so it cannot leak into these tests).
 import functools
 import itertools
 
-import _checks
 import distrax
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,32 +23,32 @@ from distrax_mixcdf import MixtureGaussianCDF, _chunks, _root_finding, _tangents
 DTYPE = np.float32
 
 
-@given(_checks.mixtures())
+@given(helpers.mixtures())
 def test_forward_matches_mpmath_reference(params):
-    _checks.check_forward_against_reference(params, DTYPE)
+    helpers.check_forward_against_reference(params, DTYPE)
 
 
-@given(_checks.mixtures())
+@given(helpers.mixtures())
 def test_forward_is_monotone_and_finite_out_to_1e4_sigma(params):
-    _checks.check_monotone(params, DTYPE)
+    helpers.check_monotone(params, DTYPE)
 
 
 @settings(max_examples=6)
-@given(_checks.mixtures())
+@given(helpers.mixtures())
 def test_log_det_matches_autodiff(params):
-    _checks.check_log_det_matches_autodiff(params, DTYPE)
+    helpers.check_log_det_matches_autodiff(params, DTYPE)
 
 
-@given(_checks.mixtures())
+@given(helpers.mixtures())
 def test_round_trip_from_data(params):
-    _checks.check_round_trip_from_x(params, DTYPE)
+    helpers.check_round_trip_from_x(params, DTYPE)
 
 
-@given(_checks.mixtures(), st.integers(0, 2**16))
+@given(helpers.mixtures(), st.integers(0, 2**16))
 def test_round_trip_from_latent(params, seed):
     y = np.random.default_rng(seed).normal(size=256) * 3
     y = np.concatenate([y, [-40.0, -12.0, 9.5, 25.0, 0.0]]).astype(DTYPE)
-    _checks.check_round_trip_from_y(params, DTYPE, y)
+    helpers.check_round_trip_from_y(params, DTYPE, y)
 
 
 def test_naive_formula_saturates_where_ours_does_not():
@@ -62,21 +62,21 @@ def test_naive_formula_saturates_where_ours_does_not():
 
 
 def test_tail_pass_in_small_chunks_matches_the_reference(monkeypatch):
-    _checks.check_tail_pass_in_small_chunks(monkeypatch, DTYPE)
+    helpers.check_tail_pass_in_small_chunks(monkeypatch, DTYPE)
 
 
 def test_forward_is_monotone_on_a_plateau():
-    _checks.check_monotone_on_plateau(DTYPE)
+    helpers.check_monotone_on_plateau(DTYPE)
 
 
 def test_forward_is_monotone_between_neighbouring_floats():
-    _checks.check_monotone_between_neighbouring_floats(DTYPE)
+    helpers.check_monotone_between_neighbouring_floats(DTYPE)
 
 
 def test_k64_mixture_forward_and_round_trip():
     rng = np.random.default_rng(64)
     params = (rng.normal(size=64), rng.normal(size=64) * 4, rng.uniform(-2, 2, 64))
-    _checks.check_forward_against_reference(params, DTYPE)
+    helpers.check_forward_against_reference(params, DTYPE)
 
 
 def test_sampling_direction_one_million_draws():
@@ -88,7 +88,7 @@ def test_sampling_direction_one_million_draws():
         rng.normal(size=8) * 0.3 - 0.5,
     )
     y = rng.normal(size=1_000_000).astype(DTYPE)
-    residual = _checks.check_round_trip_from_y(params, DTYPE, y)
+    residual = helpers.check_round_trip_from_y(params, DTYPE, y)
     assert residual.max() <= 1e-5
 
 
@@ -96,7 +96,7 @@ def test_large_batch_with_far_tails_uses_table_and_stays_exact():
     rng = np.random.default_rng(1)
     params = (rng.normal(size=5), rng.normal(size=5), rng.normal(size=5) * 0.5)
     y = np.concatenate([rng.normal(size=20_000) * 4, np.linspace(-60, 60, 241)])
-    _checks.check_round_trip_from_y(params, DTYPE, y.astype(DTYPE))
+    helpers.check_round_trip_from_y(params, DTYPE, y.astype(DTYPE))
 
 
 def test_nan_in_nan_out_per_element():
@@ -139,14 +139,14 @@ def test_no_nan_gradients_anywhere_including_far_tails():
 def test_every_root_finder_converges(root_finder):
     params = (np.array([0.0, 0.5]), np.array([-1.5, 2.0]), np.array([-0.5, 0.2]))
     y = np.linspace(-6, 6, 101).astype(DTYPE)
-    bijector = _checks.make_bijector(*params, DTYPE, root_finder=root_finder)
+    bijector = helpers.make_bijector(*params, DTYPE, root_finder=root_finder)
     x_hat, _ = bijector.inverse_and_log_det(jnp.asarray(y))
     y_back = np.asarray(bijector.forward(x_hat), np.float64)
     assert np.max(np.abs(y_back - y)) <= 4e-6
 
 
 def test_jit_vmap_grad_agree_with_eager():
-    bijector = _checks.make_bijector(
+    bijector = helpers.make_bijector(
         np.array([0.0, 1.0, -0.5]),
         np.array([-1.0, 0.5, 2.0]),
         np.array([0.0, -0.5, 0.3]),
@@ -187,10 +187,10 @@ def test_parameter_and_input_batches_broadcast(param_batch, input_shape):
     rng = np.random.default_rng(7)
     k = 4
     logits, means, log_scales = (rng.normal(size=(*param_batch, k)) for _ in range(3))
-    bijector = _checks.make_bijector(logits, means, log_scales, DTYPE)
+    bijector = helpers.make_bijector(logits, means, log_scales, DTYPE)
     x = rng.normal(size=input_shape).astype(DTYPE)
-    y, log_det = _checks.forward(bijector, jnp.asarray(x))
-    x_back, inverse_log_det = _checks.inverse(bijector, y)
+    y, log_det = helpers.forward(bijector, jnp.asarray(x))
+    x_back, inverse_log_det = helpers.inverse(bijector, y)
     batch = np.broadcast_shapes(param_batch, input_shape)
     assert y.shape == log_det.shape == x_back.shape == inverse_log_det.shape == batch
     x_full = np.broadcast_to(x, batch)
@@ -201,7 +201,7 @@ def test_parameter_and_input_batches_broadcast(param_batch, input_shape):
             for a in (logits, means, log_scales)
         )
     )
-    y_explicit, log_det_explicit = _checks.forward(explicit, jnp.asarray(x_full))
+    y_explicit, log_det_explicit = helpers.forward(explicit, jnp.asarray(x_full))
     np.testing.assert_allclose(y, y_explicit, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(log_det, log_det_explicit, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(x_back, x_full, rtol=1e-4, atol=1e-4)
@@ -403,7 +403,7 @@ def test_chunked_maps_and_gradients_match_one_piece(case, irregular_rows, monkey
         rng.normal(size=param_shape[case]) * 2,
         rng.normal(size=param_shape[case]) * 0.4 - 0.3,
     )
-    layer = _checks.make_bijector(*params, DTYPE)
+    layer = helpers.make_bijector(*params, DTYPE)
     value_shape = (n, 2) if case == "per_element" else (n,)
     values = rng.normal(size=value_shape) * 2
     irregular = [np.nan, np.inf, -np.inf, 3e30, -3e30, 7.0]
@@ -468,7 +468,7 @@ def test_tangent_coefficients_match_a_float64_reference():
     ]
     coefficients = jax.jit(_tangents.tangent_coefficients, static_argnums=4)
     for logits, means, log_scales, x in cases:
-        params = _checks.as_used(
+        params = helpers.as_used(
             (np.asarray(logits), np.asarray(means), np.asarray(log_scales)), DTYPE
         )
         log_weights = jax.nn.log_softmax(jnp.asarray(params[0], DTYPE))
@@ -528,7 +528,7 @@ def test_inverse_gradients_are_the_same_with_irregular_rows_in_the_batch():
     ran: appending irregular rows whose loss weight is zero changes nothing.
     """
     rng = np.random.default_rng(5)
-    layer = _checks.make_bijector(
+    layer = helpers.make_bijector(
         rng.normal(size=4), rng.normal(size=4) * 2, rng.normal(size=4) * 0.4, DTYPE
     )
     values = jnp.asarray(rng.normal(size=200) * 2, DTYPE)
@@ -615,12 +615,12 @@ def test_many_components_match_a_float64_reference(k):
     logits = rng.normal(size=k)
     means = np.sort(rng.normal(size=k) * 2.0)
     log_scales = rng.normal(size=k) * 0.2 + np.log(1.5 * k**-0.2)
-    layer = _checks.make_bijector(logits, means, log_scales, DTYPE)
+    layer = helpers.make_bijector(logits, means, log_scales, DTYPE)
     x = np.linspace(-4.0, 4.0, 64).astype(DTYPE)
 
     lw, mu, ls = (
         np.asarray(p, np.float64)
-        for p in _checks.as_used((logits, means, log_scales), DTYPE)
+        for p in helpers.as_used((logits, means, log_scales), DTYPE)
     )
     lw = lw - scipy.special.logsumexp(lw)
     z = (x.astype(np.float64)[:, None] - mu) * np.exp(-ls)

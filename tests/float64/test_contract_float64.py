@@ -1,10 +1,10 @@
-"""The transformation contract in float64 (`tests/_contract.py`)."""
+"""The transformation contract in float64 (`helpers`; float32 is `test_contract.py`)."""
 
-import _contract
+import helpers
 import numpy as np
 import pytest
 
 
-@pytest.mark.parametrize(("name", "transform"), _contract.CELLS_FLOAT64)
+@pytest.mark.parametrize(("name", "transform"), helpers.CONTRACT_CELLS_FLOAT64)
 def test_same_numbers_under_every_transformation(name, transform):
-    _contract.check(name, transform, np.float64)
+    helpers.check_contract_cell(name, transform, np.float64)

@@ -1,7 +1,6 @@
 """Fuzz suite, float64 (run with JAX_ENABLE_X64=1 by `tests/test_float64.py`)."""
 
-import _robust
-import fuzz_suite
+import helpers
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,26 +13,26 @@ SEEDS = st.integers(0, 2**16)
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts(request):
     yield
-    fuzz_suite.report_counts(request, DTYPE)
+    helpers.report_fuzz_counts(request, DTYPE)
 
 
-@given(_robust.extreme_mixtures(), SEEDS)
+@given(helpers.extreme_mixtures(), SEEDS)
 def test_fuzz_forward_finite_monotone_and_exact_float64(params, seed):
-    fuzz_suite.check_forward_finite_monotone(params, DTYPE, seed)
+    helpers.check_forward_finite_monotone(params, DTYPE, seed)
 
 
-@given(_robust.extreme_mixtures(), SEEDS)
+@given(helpers.extreme_mixtures(), SEEDS)
 def test_fuzz_inverse_round_trip_and_log_det_float64(params, seed):
-    fuzz_suite.check_inverse_round_trip(params, DTYPE, seed)
+    helpers.check_inverse_round_trip(params, DTYPE, seed)
 
 
-@given(_robust.extreme_mixtures(), SEEDS)
+@given(helpers.extreme_mixtures(), SEEDS)
 def test_fuzz_non_finite_policy_elementwise_float64(params, seed):
-    fuzz_suite.check_non_finite_policy_and_gradients(params, DTYPE, seed)
+    helpers.check_non_finite_policy_and_gradients(params, DTYPE, seed)
 
 
 # Includes points where the mixture density underflows between components
-# (as in tests/test_fuzz.py), over the same envelope as float32.
-@given(_robust.extreme_mixtures(), SEEDS)
+# (as in tests/numerics/test_fuzz.py), over the same envelope as float32.
+@given(helpers.extreme_mixtures(), SEEDS)
 def test_fuzz_masked_gradients_finite_float64(params, seed):
-    fuzz_suite.check_masked_gradients_finite(params, DTYPE, seed)
+    helpers.check_masked_gradients_finite(params, DTYPE, seed)

@@ -7,7 +7,7 @@ aborted XLA compiles.
 
 import functools
 
-import _checks
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,37 +18,37 @@ from distrax_mixcdf import MixtureGaussianCDF
 DTYPE = np.float64
 
 
-@given(_checks.mixtures())
+@given(helpers.mixtures())
 def test_forward_matches_mpmath_reference(params):
-    _checks.check_forward_against_reference(params, DTYPE)
+    helpers.check_forward_against_reference(params, DTYPE)
 
 
 def test_tail_pass_in_small_chunks_matches_the_reference(monkeypatch):
-    _checks.check_tail_pass_in_small_chunks(monkeypatch, DTYPE)
+    helpers.check_tail_pass_in_small_chunks(monkeypatch, DTYPE)
 
 
 def test_forward_is_monotone_on_a_plateau():
-    _checks.check_monotone_on_plateau(DTYPE)
+    helpers.check_monotone_on_plateau(DTYPE)
 
 
 def test_forward_is_monotone_between_neighbouring_floats():
-    _checks.check_monotone_between_neighbouring_floats(DTYPE)
+    helpers.check_monotone_between_neighbouring_floats(DTYPE)
 
 
-@given(_checks.mixtures())
+@given(helpers.mixtures())
 def test_forward_is_monotone_and_finite_out_to_1e4_sigma(params):
-    _checks.check_monotone(params, DTYPE)
+    helpers.check_monotone(params, DTYPE)
 
 
-@given(_checks.mixtures())
+@given(helpers.mixtures())
 def test_round_trip_from_data(params):
-    _checks.check_round_trip_from_x(params, DTYPE)
+    helpers.check_round_trip_from_x(params, DTYPE)
 
 
-@given(_checks.mixtures())
+@given(helpers.mixtures())
 def test_round_trip_from_latent(params):
     y = np.concatenate([np.linspace(-8, 8, 97), [-300.0, -40.0, 35.0, 500.0]])
-    _checks.check_round_trip_from_y(params, DTYPE, y)
+    helpers.check_round_trip_from_y(params, DTYPE, y)
 
 
 def test_large_batch_round_trip_uses_table():
@@ -59,7 +59,7 @@ def test_large_batch_round_trip_uses_table():
         rng.normal(size=8) * 0.3 - 0.5,
     )
     y = np.concatenate([rng.normal(size=20_000), np.linspace(-40, 40, 161)])
-    _checks.check_round_trip_from_y(params, DTYPE, y)
+    helpers.check_round_trip_from_y(params, DTYPE, y)
 
 
 PARAMS = (

@@ -4,8 +4,7 @@ Every check here reuses a handful of jitted functions on fixed shapes (K = 4,
 512 inputs), so the whole module compiles each map once.
 """
 
-import _checks
-import _robust
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +17,6 @@ import distrax_mixcdf as dm
 DTYPE = np.float32
 N = 512
 K = 4
-
-
-_masked_loss_grads = _robust.masked_loss_grads
 
 
 # -- bad arguments -------------------------------------------------------------------
@@ -105,7 +101,7 @@ def test_bad_arguments_name_the_argument_and_shapes(build, error, match):
 
 
 def _policy_layer():
-    return _checks.make_bijector(
+    return helpers.make_bijector(
         [0.3, -1.0, 0.5, 0.0], [-2.0, 0.0, 5.0, 1.0], [-1.0, 0.5, 0.0, 0.2], DTYPE
     )
 
@@ -118,7 +114,7 @@ def test_nan_and_inf_policy_elementwise_with_finite_masked_gradients():
     dirty[nan_at], dirty[pinf_at], dirty[ninf_at] = np.nan, np.inf, -np.inf
     finite = np.isfinite(dirty)
     widest = float(np.max(np.asarray(layer.log_scales)))
-    for fn, sign in ((_checks.forward, -1.0), (_checks.inverse, 1.0)):
+    for fn, sign in ((helpers.forward, -1.0), (helpers.inverse, 1.0)):
         out, log_det = (np.asarray(v) for v in fn(layer, jnp.asarray(dirty)))
         out_clean, log_det_clean = (
             np.asarray(v) for v in fn(layer, jnp.asarray(clean))
@@ -134,12 +130,12 @@ def test_nan_and_inf_policy_elementwise_with_finite_masked_gradients():
         np.testing.assert_array_equal(log_det[pinf_at + ninf_at], sign * widest)
     # ...and that limit is where the finite log-det is heading far out.
     far = jnp.asarray([-1e30, -1e6, 1e6, 1e30], DTYPE)
-    np.testing.assert_allclose(_checks.forward(layer, far)[1], -widest, atol=1e-5)
+    np.testing.assert_allclose(helpers.forward(layer, far)[1], -widest, atol=1e-5)
 
     # A loss that masks the bad elements has finite gradients everywhere, equal
     # to the gradients on the clean batch restricted to the same elements.
-    grads, x_grad = _masked_loss_grads(layer, jnp.asarray(dirty))
-    ref_grads, ref_x_grad = _masked_loss_grads(
+    grads, x_grad = helpers.masked_loss_grads(layer, jnp.asarray(dirty))
+    ref_grads, ref_x_grad = helpers.masked_loss_grads(
         layer, jnp.asarray(np.where(finite, dirty, 0.5))
     )
     for g in jax.tree_util.tree_leaves(grads):
@@ -149,7 +145,7 @@ def test_nan_and_inf_policy_elementwise_with_finite_masked_gradients():
     np.testing.assert_array_equal(x_grad[finite], np.asarray(ref_x_grad)[finite])
     # Parameter gradients: the masked slots contribute nothing either way.
     mask_only = jnp.asarray(np.where(finite, dirty, np.nan))
-    again, _ = _masked_loss_grads(layer, mask_only)
+    again, _ = helpers.masked_loss_grads(layer, mask_only)
     for a, b in zip(
         jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(again), strict=True
     ):
@@ -171,7 +167,7 @@ def test_inverse_tangents_at_irregular_inputs_are_the_far_maps(tied):
     from distrax_mixcdf import _irregular
 
     log_scales = [-1.0, 0.5, 0.0, 0.5 if tied else 0.2]
-    layer = _checks.make_bijector(
+    layer = helpers.make_bijector(
         [0.3, -1.0, 0.5, 0.0], [-2.0, 0.0, 5.0, 1.0], log_scales, DTYPE
     )
     y = jnp.asarray([3e30, -3e30, 2e19, -5e18, np.inf, -np.inf, np.nan], DTYPE)
@@ -215,9 +211,9 @@ def test_half_precision_is_computed_in_float32_and_integers_are_promoted():
     # float16 forward, bfloat16 and int32 inverse (int32 forward is in
     # test_mixture_cdf.py): each is one more compile of the same float32 map.
     cases = [
-        (_checks.forward, jnp.float16, x),
-        (_checks.inverse, jnp.bfloat16, x),
-        (_checks.inverse, jnp.int32, np.round(x)),
+        (helpers.forward, jnp.float16, x),
+        (helpers.inverse, jnp.bfloat16, x),
+        (helpers.inverse, jnp.int32, np.round(x)),
     ]
     for fn, dtype, values in cases:
         low = jnp.asarray(values, dtype)
@@ -230,7 +226,7 @@ def test_half_precision_is_computed_in_float32_and_integers_are_promoted():
         np.testing.assert_array_equal(log_det, ref_log_det)
     # Far in the tail: float16 could not hold these log-dets' inputs' images.
     far = jnp.asarray(np.full(N, 6e4), jnp.float16)
-    assert np.all(np.isfinite(np.asarray(_checks.forward(layer, far)[0])))
+    assert np.all(np.isfinite(np.asarray(helpers.forward(layer, far)[0])))
 
 
 # -- extreme but valid parameters ----------------------------------------------------
@@ -260,7 +256,7 @@ EXTREME = {
 @pytest.mark.parametrize("case", sorted(EXTREME))
 def test_extreme_parameters_forward_monotone_and_inverse_converges(case):
     params = tuple(np.asarray(p, np.float64) for p in EXTREME[case])
-    layer = _checks.make_bijector(*params, DTYPE)
+    layer = helpers.make_bijector(*params, DTYPE)
     _, means, log_scales = params
     spread = float(np.exp(log_scales.max()))
     x = np.sort(
@@ -280,7 +276,7 @@ def test_extreme_parameters_forward_monotone_and_inverse_converges(case):
         )
     ).astype(DTYPE)
     y, log_det = (
-        np.asarray(v, np.float64) for v in _checks.forward(layer, jnp.asarray(x))
+        np.asarray(v, np.float64) for v in helpers.forward(layer, jnp.asarray(x))
     )
     assert np.all(np.isfinite(y)), case
     assert np.all(np.isfinite(log_det)), case
@@ -293,7 +289,7 @@ def test_extreme_parameters_forward_monotone_and_inverse_converges(case):
             [-30, -9, -5, 0, 1e-3, 5, 9, 30],
         ]
     ).astype(DTYPE)
-    _checks.check_round_trip_from_y(params, DTYPE, latent)
+    helpers.check_round_trip_from_y(params, DTYPE, latent)
 
 
 def test_inverse_converges_next_to_a_component_a_few_ulps_wide():
@@ -304,10 +300,10 @@ def test_inverse_converges_next_to_a_component_a_few_ulps_wide():
     # across one x-resolution step there and returned x 4.5 ulps from the root.
     m = 3.490342957461841
     params = ([-1e4, -1e4, 0.0, 0.0], [0.0, 0.0, -m, m], [1.0, 1.0, 0.0, -13.6875])
-    layer = _checks.make_bijector(*params, DTYPE)
+    layer = helpers.make_bijector(*params, DTYPE)
     # Latents from one side of the narrow component to the other.
     y = np.concatenate([[1e-3], np.linspace(-0.6, 0.6, N - 1)]).astype(DTYPE)
-    _checks.check_converged_within_four_ulps(layer, y, DTYPE)
+    helpers.check_converged_within_four_ulps(layer, y, DTYPE)
 
 
 def test_inverse_residual_at_y_zero_where_the_bulk_switches_sides():
@@ -322,7 +318,7 @@ def test_inverse_residual_at_y_zero_where_the_bulk_switches_sides():
     latent = np.concatenate([[0.0, 1e-3, -1e-3], np.linspace(-1.2, 1.2, N - 3)]).astype(
         DTYPE
     )
-    _checks.check_round_trip_from_y(params, DTYPE, latent)
+    helpers.check_round_trip_from_y(params, DTYPE, latent)
 
 
 # "means spread over 1e6" puts points between two components 1e6 apart
@@ -331,7 +327,7 @@ def test_inverse_residual_at_y_zero_where_the_bulk_switches_sides():
 @pytest.mark.parametrize("case", sorted(EXTREME))
 def test_extreme_parameters_gradients_are_finite(case):
     params = tuple(np.asarray(p, np.float64) for p in EXTREME[case])
-    layer = _checks.make_bijector(*params, DTYPE)
+    layer = helpers.make_bijector(*params, DTYPE)
     _, means, log_scales = params
     spread = float(np.exp(log_scales.max()))
     # Data-range and latent-range points, through forward and inverse both (the
@@ -342,7 +338,7 @@ def test_extreme_parameters_gradients_are_finite(case):
             np.linspace(-30.0, 30.0, N // 2),
         ]
     )
-    grads = _masked_loss_grads(layer, jnp.asarray(values, DTYPE))
+    grads = helpers.masked_loss_grads(layer, jnp.asarray(values, DTYPE))
     for leaf in jax.tree_util.tree_leaves(grads):
         assert np.all(np.isfinite(np.asarray(leaf))), case
 

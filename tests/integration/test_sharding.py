@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve().parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _CHILD = r"""
 import json
@@ -66,7 +66,7 @@ def test_data_parallel_fit_matches_single_device():
         capture_output=True,
         text=True,
         env=env,
-        cwd=HERE.parent,
+        cwd=ROOT,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -24,7 +24,7 @@ import pytest
 
 import distrax_mixcdf
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 API_PAGES = sorted((ROOT / "docs" / "api").glob("*.md"))
 PUBLIC_MODULES = [distrax_mixcdf] + [
     importlib.import_module(f"distrax_mixcdf.{info.name}")

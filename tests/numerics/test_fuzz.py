@@ -1,14 +1,13 @@
 """Fuzz suite, float32: random mixtures across the reliability envelope.
 
 Scales 1e-6…1e6, means spread up to 1e6·σ_max, logits ±1e4, duplicated
-components (`_robust.extreme_mixtures`), K = 4 so every example reuses one
+components (`helpers.extreme_mixtures`), K = 4 so every example reuses one
 compilation. The number of examples tried is printed at the end of the run.
 The float64 twin is `tests/float64/test_fuzz_float64.py`. Profiles: `ci`
 (default, bounded) and HYPOTHESIS_PROFILE=thorough (by hand).
 """
 
-import _robust
-import fuzz_suite
+import helpers
 import numpy as np
 import pytest
 from hypothesis import given
@@ -21,27 +20,27 @@ SEEDS = st.integers(0, 2**16)
 @pytest.fixture(scope="module", autouse=True)
 def _report_counts(request):
     yield
-    fuzz_suite.report_counts(request, DTYPE)
+    helpers.report_fuzz_counts(request, DTYPE)
 
 
-@given(_robust.extreme_mixtures(), SEEDS)
+@given(helpers.extreme_mixtures(), SEEDS)
 def test_fuzz_forward_finite_monotone_and_exact(params, seed):
-    fuzz_suite.check_forward_finite_monotone(params, DTYPE, seed)
+    helpers.check_forward_finite_monotone(params, DTYPE, seed)
 
 
-@given(_robust.extreme_mixtures(), SEEDS)
+@given(helpers.extreme_mixtures(), SEEDS)
 def test_fuzz_inverse_round_trip_and_log_det(params, seed):
-    fuzz_suite.check_inverse_round_trip(params, DTYPE, seed)
+    helpers.check_inverse_round_trip(params, DTYPE, seed)
 
 
-@given(_robust.extreme_mixtures(), SEEDS)
+@given(helpers.extreme_mixtures(), SEEDS)
 def test_fuzz_non_finite_policy_elementwise(params, seed):
-    fuzz_suite.check_non_finite_policy_and_gradients(params, DTYPE, seed)
+    helpers.check_non_finite_policy_and_gradients(params, DTYPE, seed)
 
 
 # Includes points where the mixture density underflows between components
 # (two unit components 54.6 apart, x = 20: y = 0, log_det = -200.7), where the
 # forward's tangents once came out NaN.
-@given(_robust.extreme_mixtures(), SEEDS)
+@given(helpers.extreme_mixtures(), SEEDS)
 def test_fuzz_masked_gradients_finite(params, seed):
-    fuzz_suite.check_masked_gradients_finite(params, DTYPE, seed)
+    helpers.check_masked_gradients_finite(params, DTYPE, seed)
