@@ -1,5 +1,8 @@
 """Data-parallel training over 4 (virtual CPU) devices matches one device.
 
+A bijector, a distribution and a conditional flow (its context sharded with
+the data) each follow the single-device trajectory.
+
 `XLA_FLAGS=--xla_force_host_platform_device_count=4` must be set before JAX
 starts, so the comparison runs in a child process and reports JSON.
 """
@@ -28,14 +31,35 @@ layer = dm.MixtureGaussianCDF(jnp.zeros(2), jnp.array([-1.0, 1.0]), jnp.zeros(2)
 normal = distrax.Normal(jnp.zeros(1), jnp.ones(1))
 optimizer = optax.adam(3e-2)
 mesh = Mesh(np.array(jax.devices()), ("data",))
-sharded = jax.device_put(data, NamedSharding(mesh, P("data")))
+
+
+def put(rows):
+    # Rows split over the 4 devices (None stays None: no context).
+    if rows is None:
+        return None
+    return jax.device_put(rows, NamedSharding(mesh, P("data")))
+
+
+sharded = put(data)
 out = {"shards": [str(s.device) for s in sharded.addressable_shards]}
+# A conditional flow: its context rows are sharded like the data rows.
+context = rng.uniform(-1.0, 1.0, (512, 1)).astype(np.float32)
+noise = rng.normal(size=(512, 1)).astype(np.float32)
+pairs = jnp.asarray(2.0 * context + noise * (0.3 + 0.5 * np.abs(context)))
+context = jnp.asarray(context)
+conditional = dm.coupling_flow(jax.random.PRNGKey(0), 1, context_dim=1, num_layers=1,
+                               num_components=2, hidden_sizes=(8,))
 # The mixture flow on minibatches; a Normal (cheap to compile) on the full batch.
-for name, model, batch_size in (("flow", layer, 256), ("normal", normal, None)):
-    single = dm.fit(model, data, optimizer, steps=20, batch_size=batch_size,
-                    show_progress=False)
-    multi = dm.fit(model, sharded, optimizer, steps=20, batch_size=batch_size,
-                   show_progress=False)
+cases = (
+    ("flow", layer, data, None, 256),
+    ("normal", normal, data, None, None),
+    ("conditional", conditional, pairs, context, 128),
+)
+for name, model, rows, rows_context, batch_size in cases:
+    single = dm.fit(model, rows, optimizer, context=rows_context, steps=20,
+                    batch_size=batch_size, show_progress=False)
+    multi = dm.fit(model, put(rows), optimizer, context=put(rows_context), steps=20,
+                   batch_size=batch_size, show_progress=False)
     params = jax.tree_util.tree_leaves(multi.model)
     out[name] = {
         "single_losses": single.losses.tolist(),
@@ -73,7 +97,7 @@ def test_data_parallel_fit_matches_single_device():
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT"))
     out = json.loads(line[len("RESULT") :])
     assert len(set(out["shards"])) == 4
-    for name, n_params in (("flow", 3), ("normal", 2)):
+    for name, n_params in (("flow", 3), ("normal", 2), ("conditional", 4)):
         result = out[name]
         # Parameters replicated on all four devices.
         assert result["multi_param_devices"] == [4] * n_params
