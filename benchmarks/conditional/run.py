@@ -5,8 +5,8 @@ How to run (from the repository root, after ``pip install -e ".[bench]"``)::
     python benchmarks/conditional/run.py            # full run
     python benchmarks/conditional/run.py --quick    # few steps, fewer rows
 
-Writes ``results.md`` and ``results.json`` next to this file (``--quick`` adds
-a ``_quick`` suffix; ``--out`` elsewhere).
+Writes ``results.md``, ``results.json`` and the figure ``gaps.png`` next to
+this file (``--quick`` adds a ``_quick`` suffix; ``--out`` elsewhere).
 
 **Tasks.** Every task has a true conditional density in closed form, so a
 model's held-out conditional NLL can be compared with the truth's on the same
@@ -25,6 +25,11 @@ in nats (per example, not per dimension).
   Gaussian with covariance :math:`(I + A^\\top A / \\sigma^2)^{-1}` and a mean
   linear in :math:`x` (the context); the flows learn :math:`\\theta` given
   :math:`x`.
+* ``ring-2d``: :math:`c \\sim U(-1, 1)`; :math:`x \\mid c` is uniform in
+  angle on a ring whose radius is log-normal with median :math:`1.5 + c` and
+  log-scale :math:`0.05 + 0.15|c|`, so
+  :math:`p(x \\mid c) = p_r(|x|) / (2\\pi |x|)`: a hole in the middle whose
+  size and sharpness move with the context.
 
 **Models**, every one trained at the same budget (Adam, lr 1e-3, the same
 number of steps, minibatches of 256, restore-best on validation rows checked
@@ -113,7 +118,30 @@ class LinearGaussian:
         return stats.multivariate_normal(np.zeros(6), self.cov).logpdf(theta - mean)
 
 
-TASKS = (Mixture1D(), LinearGaussian())
+class Ring2D:
+    """A 2-D ring whose radius and width depend on c: a hole no affine map makes."""
+
+    name, dim, context_dim = "ring-2d", 2, 1
+
+    @staticmethod
+    def _radius(c):
+        return 1.5 + c, 0.05 + 0.15 * np.abs(c)  # median radius, log-scale width
+
+    def simulate(self, n, rng):
+        c = rng.uniform(-1.0, 1.0, n)
+        median, width = self._radius(c)
+        r = median * np.exp(width * rng.normal(size=n))
+        angle = rng.uniform(0.0, 2 * np.pi, n)
+        return np.stack([r * np.cos(angle), r * np.sin(angle)], -1), c[:, None]
+
+    def log_prob(self, x, c):
+        # Polar change of variables: p(x) = p(r) / (2π r), r = |x|.
+        median, width = self._radius(c[:, 0])
+        r = np.hypot(x[:, 0], x[:, 1])
+        return stats.lognorm.logpdf(r, width, scale=median) - np.log(2 * np.pi * r)
+
+
+TASKS = (Mixture1D(), LinearGaussian(), Ring2D())
 
 
 # -- models --------------------------------------------------------------------------
@@ -287,6 +315,34 @@ def render(results, steps, n_train):
     return "\n".join(lines) + "\n"
 
 
+def figure(results, path):
+    """Bar chart of every model's gap to the truth, one group per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results)
+    models = [r["model"] for r in results[tasks[0]]["models"]]
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, model in enumerate(models):
+        gaps = [
+            next(r["nll"] for r in results[t]["models"] if r["model"] == model)
+            - results[t]["true_nll"]
+            for t in tasks
+        ]
+        positions = np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width
+        ax.bar(positions, gaps, width, label=model)
+    ax.set_xticks(np.arange(len(tasks)), tasks)
+    ax.set_yscale("symlog", linthresh=1e-3)  # a gap can dip below 0 by noise
+    ax.set_ylabel("gap to the true conditional NLL (nats)")
+    ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps and rows")
@@ -311,6 +367,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
     (args.out / f"results{suffix}.md").write_text(render(results, steps, n_train))
+    figure(results, args.out / f"gaps{suffix}.png")
 
 
 if __name__ == "__main__":

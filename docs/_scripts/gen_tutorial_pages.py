@@ -122,5 +122,21 @@ def density_benchmark_page() -> None:
         handle.write(text + note)
 
 
+def conditional_benchmark_figures() -> None:
+    """Copies ``benchmarks/conditional/*.png`` (full runs) beside its page.
+
+    ``docs/benchmarks/conditional.md`` includes the run's ``results.md`` and
+    shows its figures as ``conditional_<name>.png``.
+    """
+    source = _DOCS.parent / "benchmarks" / "conditional"
+    for figure in sorted(source.glob("*.png")):
+        if figure.stem.endswith("_quick"):
+            continue
+        target = f"benchmarks/conditional_{figure.name}"
+        with mkdocs_gen_files.open(target, "wb") as out:
+            out.write(figure.read_bytes())
+
+
 main()
 density_benchmark_page()
+conditional_benchmark_figures()
