@@ -846,8 +846,8 @@ def check_inverse_round_trip(params, dtype, seed):
     assert np.all(mismatch[finite] <= tol[finite]), mismatch.max()
 
 
-def check_non_finite_policy_and_gradients(params, dtype, seed):
-    fuzz_counts["NaN/inf elementwise"] += 1
+def _fuzz_batch(params, dtype, seed):
+    """``(layer, values, dirty, keep)``: a fuzz batch, then six of it NaN/±inf."""
     rng = np.random.default_rng(seed)
     layer = make_bijector(*params, dtype)
     values = np.concatenate(
@@ -859,7 +859,12 @@ def check_non_finite_policy_and_gradients(params, dtype, seed):
     dirty = values.copy()
     bad = rng.choice(FUZZ_N, size=6, replace=False)
     dirty[bad] = [np.nan, np.inf, -np.inf, np.nan, np.inf, -np.inf]
-    keep = np.isfinite(dirty)
+    return layer, values, dirty, np.isfinite(dirty)
+
+
+def check_non_finite_policy_and_gradients(params, dtype, seed):
+    fuzz_counts["NaN/inf elementwise"] += 1
+    layer, values, dirty, keep = _fuzz_batch(params, dtype, seed)
     for fn in (forward, inverse):
         out, log_det = (np.asarray(v) for v in fn(layer, jnp.asarray(dirty)))
         clean_out, clean_log_det = (
@@ -872,17 +877,7 @@ def check_non_finite_policy_and_gradients(params, dtype, seed):
 
 def check_masked_gradients_finite(params, dtype, seed):
     fuzz_counts["masked-loss gradients finite"] += 1
-    rng = np.random.default_rng(seed)
-    layer = make_bijector(*params, dtype)
-    dirty = np.concatenate(
-        [
-            rng.normal(size=FUZZ_N // 2) * 3,
-            sorted_grid(params, FUZZ_N // 2, dtype, seed),
-        ]
-    ).astype(dtype)
-    bad = rng.choice(FUZZ_N, size=6, replace=False)
-    dirty[bad] = [np.nan, np.inf, -np.inf, np.nan, np.inf, -np.inf]
-    keep = np.isfinite(dirty)
+    layer, _, dirty, keep = _fuzz_batch(params, dtype, seed)
     grads, value_grads = masked_loss_grads(layer, jnp.asarray(dirty))
     for leaf in jax.tree_util.tree_leaves(grads):
         assert np.all(np.isfinite(np.asarray(leaf)))
