@@ -87,6 +87,19 @@ def check_int(value: Any, argument: str, minimum: int) -> int:
     return int(value)
 
 
+def check_fraction(value: Any, argument: str) -> float:
+    """Returns ``value`` as a ``float`` if it is a real number in ``[0, 1)``.
+
+    Raises:
+      ValueError: Naming ``argument`` and the value, otherwise (booleans too).
+    """
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float, np.integer, np.floating)) and 0 <= value < 1
+    ):
+        raise ValueError(f"`{argument}` must be a number in [0, 1), got {value!r}.")
+    return float(value)
+
+
 def check_data(data: Any, argument: str = "data") -> np.ndarray:
     """Returns ``data`` as a NumPy ``[N, D]`` floating array (``N >= 2``, finite).
 

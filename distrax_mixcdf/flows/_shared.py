@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distrax_mixcdf._validation import check_data, check_int
+from distrax_mixcdf._validation import check_data, check_fraction, check_int
 from distrax_mixcdf.flows.base import Flow, unrolled
 from distrax_mixcdf.flows.gaussianization import (
     GaussianizationFlow,
@@ -41,7 +41,6 @@ __all__ = [
     "FirstStage",
     "MLPFlow",
     "broadcast_context",
-    "check_anchor_weight",
     "check_stage",
     "conditioner_input",
     "data_stem",
@@ -208,18 +207,6 @@ def mixture_params(raw: jax.Array, anchor: float) -> jax.Array:
     return jnp.concatenate([logits, means, log_scales], axis=-1)
 
 
-def check_anchor_weight(anchor_weight: Any) -> float:
-    """Returns ``anchor_weight`` as a float in ``[0, 1)`` or raises ``ValueError``."""
-    if isinstance(anchor_weight, bool) or not (
-        isinstance(anchor_weight, (int, float, np.integer, np.floating))
-        and 0 <= anchor_weight < 1
-    ):
-        raise ValueError(
-            f"`anchor_weight` must be a number in [0, 1), got {anchor_weight!r}."
-        )
-    return float(anchor_weight)
-
-
 def data_stem(
     data: Any,
     dim: int,
@@ -341,7 +328,7 @@ class MLPFlow(Flow):
             for layers in mlps
         )
         num_components = check_int(num_components, "num_components", 1)
-        anchor_weight = check_anchor_weight(anchor_weight)
+        anchor_weight = check_fraction(anchor_weight, "anchor_weight")
         if context_dim is not None:
             context_dim = check_int(context_dim, "context_dim", 1)
         dim, layout = self._check_layout(mlps, layout, num_components, context_dim)

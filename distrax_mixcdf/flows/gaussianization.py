@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distrax_mixcdf._mixture_fit import check_options, fit_columns, smoothing_floor
-from distrax_mixcdf._validation import check_data, check_int
+from distrax_mixcdf._validation import check_data, check_fraction, check_int
 from distrax_mixcdf.flows.base import Flow, unrolled
 from distrax_mixcdf.flows.rotations import (
     FixedRotation,
@@ -221,45 +221,39 @@ class GaussianizationFlow(Flow):
         self, x: jax.Array, context: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         del context  # unconditional
-        layers = self._layers()
-        if layers is None:  # mixed rotation types: unrolled distrax stack
-            return unrolled(self.bijectors(), x, inverse=False)
-        params, rotation, kind, options = layers
-        x = x.astype(jnp.result_type(x.dtype, params[0].dtype))
-
-        def body(carry, layer):
-            z, log_det = carry
-            (logits, means, log_scales), rot = layer
-            y, ld = MixtureGaussianCDF(
-                logits, means, log_scales, **options
-            ).forward_and_log_det(z)
-            return (y @ _transposed_matrix(rot, kind), log_det + ld.sum(-1)), None
-
-        init = (x, jnp.zeros(x.shape[:-1], x.dtype))
-        (z, log_det), _ = jax.lax.scan(body, init, (params, rotation))
-        return z, log_det
+        return self._scan(x, inverse=False)
 
     def _inverse(
         self, z: jax.Array, context: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         del context  # unconditional
+        return self._scan(z, inverse=True)
+
+    def _scan(self, values: jax.Array, inverse: bool) -> tuple[jax.Array, jax.Array]:
+        """Every layer in one ``lax.scan`` (backwards for the inverse)."""
         layers = self._layers()
-        if layers is None:
-            return unrolled(self.bijectors(), z, inverse=True)
+        if layers is None:  # mixed rotation types: unrolled distrax stack
+            return unrolled(self.bijectors(), values, inverse=inverse)
         params, rotation, kind, options = layers
+        values = values.astype(jnp.result_type(values.dtype, params[0].dtype))
 
         def body(carry, layer):
-            x, log_det = carry
-            (logits, means, log_scales), rot = layer
-            x = x @ _transposed_matrix(rot, kind).T
-            x, ld = MixtureGaussianCDF(
-                logits, means, log_scales, **options
-            ).inverse_and_log_det(x)
-            return (x, log_det + ld.sum(-1)), None
+            values, log_det = carry
+            mixture_params, rot = layer
+            marginal = MixtureGaussianCDF(*mixture_params, **options)
+            matrix = _transposed_matrix(rot, kind)
+            if inverse:
+                values, ld = marginal.inverse_and_log_det(values @ matrix.T)
+            else:
+                values, ld = marginal.forward_and_log_det(values)
+                values = values @ matrix
+            return (values, log_det + ld.sum(-1)), None
 
-        init = (z, jnp.zeros(z.shape[:-1], z.dtype))
-        (x, log_det), _ = jax.lax.scan(body, init, (params, rotation), reverse=True)
-        return x, log_det
+        init = (values, jnp.zeros(values.shape[:-1], values.dtype))
+        (out, log_det), _ = jax.lax.scan(
+            body, init, (params, rotation), reverse=inverse
+        )
+        return out, log_det
 
     def __repr__(self) -> str:
         kinds = sorted({type(r).__name__ for r in self.rotations}) or ["none"]
@@ -411,14 +405,7 @@ def gaussianization_flow(
         )
     if rotation_init == "random" and key is None and num_layers != 1:
         raise ValueError('`rotation_init="random"` needs a PRNG `key`.')
-    if isinstance(validation_fraction, bool) or not (
-        isinstance(validation_fraction, (int, float, np.integer, np.floating))
-        and 0 <= validation_fraction < 1
-    ):
-        raise ValueError(
-            f"`validation_fraction` must be a number in [0, 1), got "
-            f"{validation_fraction!r}."
-        )
+    validation_fraction = check_fraction(validation_fraction, "validation_fraction")
     init_options = dict(init_options or {})
     unknown = set(init_options) - {"max_iter", "tol", "bandwidth", "min_scale"}
     if unknown:
