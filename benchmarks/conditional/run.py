@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -54,14 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import paramax
-from flowjax import bijections as fjb
-from flowjax import distributions as fjd
-from flowjax import flows as fjf
 from scipy import stats
 from scipy.special import expit
 
 import distrax_mixcdf as dm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared
+from flowjax_peers import flowjax_model, train_flowjax
 
 HERE = Path(__file__).resolve().parent
 LAYERS, K, HIDDEN = 4, 8, (32, 32)
@@ -147,76 +147,6 @@ TASKS = (Mixture1D(), LinearGaussian(), Ring2D())
 # -- models --------------------------------------------------------------------------
 
 
-def count(tree) -> int:
-    return int(sum(np.size(a) for a in jax.tree_util.tree_leaves(tree)))
-
-
-def flowjax_params(dist):
-    return eqx.partition(
-        dist,
-        eqx.is_inexact_array,
-        is_leaf=lambda leaf: isinstance(leaf, paramax.NonTrainable),
-    )
-
-
-def flowjax_model(kind, key, dim, context_dim, target):
-    """flowjax's conditional flow whose parameter count is closest to ``target``."""
-    best = None
-    for width in (8, 16, 24, 32, 48, 64, 96, 128):
-        base = fjd.Normal(jnp.zeros(dim))
-        if kind == "rqs":
-            dist = fjf.coupling_flow(
-                key,
-                base_dist=base,
-                transformer=fjb.RationalQuadraticSpline(knots=8, interval=4),
-                cond_dim=context_dim,
-                flow_layers=LAYERS,
-                nn_width=width,
-            )
-        else:
-            dist = fjf.masked_autoregressive_flow(
-                key,
-                base_dist=base,
-                cond_dim=context_dim,
-                flow_layers=LAYERS,
-                nn_width=width,
-            )
-        n = count(flowjax_params(dist)[0])
-        if best is None or abs(n - target) < abs(best[1] - target):
-            best = (dist, n)
-    return best
-
-
-def train_flowjax(dist, data, steps, key):
-    """Adam on minibatches drawn like ``fit`` (uniform with replacement)."""
-    (x, c), (x_val, c_val) = jax.tree_util.tree_map(jnp.asarray, data)
-    params, static = flowjax_params(dist)
-    optimizer = optax.adam(LR)
-
-    def loss(p, x, c):
-        model = paramax.unwrap(eqx.combine(p, static))
-        return -jnp.mean(model.log_prob(x, condition=c))
-
-    @eqx.filter_jit
-    def step(p, state, k, x, c):
-        idx = jax.random.randint(k, (BATCH,), 0, x.shape[0])
-        value, grads = eqx.filter_value_and_grad(loss)(p, x[idx], c[idx])
-        updates, state = optimizer.update(grads, state, p)
-        return eqx.apply_updates(p, updates), state, value
-
-    eval_loss = eqx.filter_jit(loss)
-    state = optimizer.init(params)
-    best = (float(eval_loss(params, x_val, c_val)), params)
-    keys = jax.random.split(key, steps)
-    for i in range(steps):
-        params, state, _ = step(params, state, keys[i], x, c)
-        if (i + 1) % EVAL_EVERY == 0 or i + 1 == steps:
-            value = float(eval_loss(params, x_val, c_val))
-            if value < best[0]:
-                best = (value, params)
-    return paramax.unwrap(eqx.combine(best[1], static))
-
-
 def train_ours(flow, data, steps, key):
     (x, c), (x_val, c_val) = data
     return dm.fit(
@@ -279,10 +209,27 @@ def run_task(task, steps, n_train, n_test, seed):
         rows.append((label, flow.num_params, nll, seconds))
     for label, kind in (("flowjax RQ-NSF", "rqs"), ("flowjax MAF", "maf")):
         start = time.perf_counter()
-        dist, n_params = flowjax_model(
-            kind, jax.random.key(seed), task.dim, task.context_dim, target
+        dist, n_params, _ = flowjax_model(
+            kind,
+            jax.random.key(seed),
+            task.dim,
+            target,
+            layers=LAYERS,
+            context_dim=task.context_dim,
+            widths=(8, 16, 24, 32, 48, 64, 96, 128),
         )
-        model = train_flowjax(dist, (train, val), steps, jax.random.key(seed + 1))
+        model = train_flowjax(
+            dist,
+            train[0],
+            val[0],
+            steps=steps,
+            batch=BATCH,
+            optimizer=optax.adam(LR),
+            key=jax.random.key(seed + 1),
+            eval_every=EVAL_EVERY,
+            context=train[1],
+            val_context=val[1],
+        )
         seconds = time.perf_counter() - start
         nll = float(-jnp.mean(_fj_log_prob(model, x_test, c_test)))
         rows.append((label, n_params, nll, seconds))

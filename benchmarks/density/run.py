@@ -100,6 +100,9 @@ from flowjax.train import fit_to_data
 
 from distrax_mixcdf import coupling_flow, fit, gaussianization_flow
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared
+from flowjax_peers import count, flowjax_model, flowjax_params, train_flowjax
+
 HERE = Path(__file__).resolve().parent
 TOY = ("moons", "8gaussians", "checkerboard", "pinwheel", "2spirals", "rings")
 GAUSSIAN = "Gaussian"
@@ -291,18 +294,6 @@ def load(name: str, cfg: dict):
 # -- models -------------------------------------------------------------------------
 
 
-def count(tree) -> int:
-    return int(sum(np.size(a) for a in jax.tree_util.tree_leaves(tree)))
-
-
-def flowjax_params(dist):
-    return eqx.partition(
-        dist,
-        eqx.is_inexact_array,
-        is_leaf=lambda leaf: isinstance(leaf, paramax.NonTrainable),
-    )
-
-
 def gaussian_nll(train, test):
     """Held-out NLL/dim of the maximum-likelihood full-covariance Gaussian."""
     train, test = np.asarray(train, np.float64), np.asarray(test, np.float64)
@@ -316,58 +307,7 @@ def gaussian_nll(train, test):
     return float(nll / dim), dim + dim * (dim + 1) // 2
 
 
-def flowjax_model(kind: str, key, dim: int, target: int, layers: int, knots: int):
-    """A flowjax flow whose trainable parameter count is closest to ``target``."""
-    best = None
-    for width in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256):
-        base = fjd.Normal(jnp.zeros(dim))
-        if kind == "rqs":
-            dist = fjf.coupling_flow(
-                key,
-                base_dist=base,
-                transformer=fjb.RationalQuadraticSpline(knots=knots, interval=4),
-                flow_layers=layers,
-                nn_width=width,
-            )
-        else:
-            dist = fjf.masked_autoregressive_flow(
-                key, base_dist=base, flow_layers=layers, nn_width=width
-            )
-        n = count(flowjax_params(dist)[0])
-        if best is None or abs(n - target) < abs(best[1] - target):
-            best = (dist, n, width)
-    return best
-
-
 _STEP_CACHE: dict = {}
-
-
-def train_flowjax(dist, train, val, steps, batch, lr, key, eval_every):
-    """Adam on minibatches drawn like ``fit`` (uniform with replacement)."""
-    params, static = flowjax_params(dist)
-    optimizer = _STEP_CACHE.setdefault(("opt", lr), optax.adam(lr))
-
-    def loss(p, x):
-        return -jnp.mean(paramax.unwrap(eqx.combine(p, static)).log_prob(x))
-
-    @eqx.filter_jit
-    def step(p, state, k, data):
-        idx = jax.random.randint(k, (batch,), 0, data.shape[0])
-        value, grads = eqx.filter_value_and_grad(loss)(p, data[idx])
-        updates, state = optimizer.update(grads, state, p)
-        return eqx.apply_updates(p, updates), state, value
-
-    eval_loss = eqx.filter_jit(loss)
-    state = optimizer.init(params)
-    best = (float(eval_loss(params, val)), params)
-    keys = jax.random.split(key, steps)
-    for i in range(steps):
-        params, state, _ = step(params, state, keys[i], train)
-        if (i + 1) % eval_every == 0 or i + 1 == steps:
-            value = float(eval_loss(params, val))
-            if value < best[0]:
-                best = (value, params)
-    return paramax.unwrap(eqx.combine(best[1], static))
 
 
 def timed(fn, *args, repeats=3):
@@ -494,18 +434,18 @@ def run_matched(name, data, cfg, key, grid=None):
         ("flowjax MAF", "maf", k_maf),
     ):
         dist, n_params, width = flowjax_model(
-            kind, k, dim, target, cfg["fj_layers"], cfg["fj_knots"]
+            kind, k, dim, target, layers=cfg["fj_layers"], knots=cfg["fj_knots"]
         )
         t0 = time.perf_counter()
         trained = train_flowjax(
             dist,
             jnp.asarray(train),
             jnp.asarray(val),
-            cfg["steps"],
-            batch,
-            cfg["lr"],
-            k_fit,
-            cfg["eval_every"],
+            steps=cfg["steps"],
+            batch=batch,
+            optimizer=optimizer,
+            key=k_fit,
+            eval_every=cfg["eval_every"],
         )
         seconds = time.perf_counter() - t0
         record(label, trained, seconds, True, n_params, nn_width=width)
