@@ -283,39 +283,66 @@ def gather_rows(values, flat_index, batch_shape, trailing):
     return values[index]
 
 
+# Elements per block of the tail pass's compaction: flagged elements are found
+# block by block, so finding them costs a pass over one flag per block, not a
+# compaction of the whole batch; a flagged block runs whole through the tail.
+_TAIL_BLOCK = 64
+
+
 def _tail_pass_in_chunks(y, log_det, x, params, needs_tail):
     """``(y, log_det)`` with the flagged entries replaced by the tail pass's.
 
-    The flagged elements are gathered ``chunk`` at a time and written over the
-    bulk pass's outputs: the work is proportional to their count, and one
-    copy of the tail code serves any count.
+    The blocks of `_TAIL_BLOCK` elements holding a flagged element are
+    gathered ``chunk`` blocks at a time, run through the tail pass and written
+    over the bulk pass's outputs where flagged: the work is proportional to
+    the flagged blocks, and one copy of the tail code serves any count.
     """
     batch_shape = needs_tail.shape
     size = needs_tail.size
     if size == 0:
         return y, log_det
+    block = min(_TAIL_BLOCK, size)
+    blocks = -(-size // block)
+    padding = blocks * block - size
     budget = _chunks.chunk_elements("tail", params[0].shape[-1])
-    chunk = max(1, size // 16 if budget is None else min(size // 16, budget))
-    count = jnp.sum(needs_tail)
-    # Padding entries point one past the end: their writes are dropped.
-    (flagged,) = jnp.nonzero(needs_tail.ravel(), size=size, fill_value=size)
+    chunk = max(
+        1, blocks // 16 if budget is None else min(blocks // 16, budget // block)
+    )
+    flags = jnp.pad(needs_tail.ravel(), (0, padding))
+    block_flags = jnp.any(flags.reshape(blocks, block), axis=1)
+    count = jnp.sum(block_flags)
+    # Padding entries point one past the last block: their writes are dropped.
+    (flagged,) = jnp.nonzero(block_flags, size=blocks, fill_value=blocks)
     x_flat = jnp.broadcast_to(x, batch_shape).ravel()
     upper_flat = (y > 0).ravel()
+    offsets = jnp.arange(block)
 
     def run_chunk(index_of_chunk, outputs):
         # `dynamic_slice` clamps the last chunk into range, so it may redo a
-        # few flagged elements: identical inputs, identical writes.
-        index = lax.dynamic_slice(flagged, (index_of_chunk * chunk,), (chunk,))
-        subset = tuple(gather_rows(p, index, batch_shape, trailing=1) for p in params)
+        # few flagged blocks: identical inputs, identical writes.
+        block_index = lax.dynamic_slice(flagged, (index_of_chunk * chunk,), (chunk,))
+        # Entries past the batch (padding, or past the last block) get index
+        # `size`: clipped when read, dropped when written.
+        index = (block_index[:, None] * block + offsets).ravel()
+        index = jnp.where(index < size, index, size)
+        subset = tuple(
+            gather_rows(p, jnp.minimum(index, size - 1), batch_shape, trailing=1)
+            for p in params
+        )
         y_subset, log_det_subset = _tail_pass(
             x_flat.at[index].get(mode="clip"),
             subset,
             upper_flat.at[index].get(mode="clip"),
         )
         y_out, log_det_out = outputs
+        flagged_here = flags.at[index].get(mode="fill", fill_value=False)
+        keep_y = y_out.at[index].get(mode="clip")
+        keep_log_det = log_det_out.at[index].get(mode="clip")
         return (
-            y_out.at[index].set(y_subset, mode="drop"),
-            log_det_out.at[index].set(log_det_subset, mode="drop"),
+            y_out.at[index].set(jnp.where(flagged_here, y_subset, keep_y), mode="drop"),
+            log_det_out.at[index].set(
+                jnp.where(flagged_here, log_det_subset, keep_log_det), mode="drop"
+            ),
         )
 
     chunks = (count + chunk - 1) // chunk

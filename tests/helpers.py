@@ -37,6 +37,7 @@ from scipy.optimize import brentq
 from distrax_mixcdf import (
     MixtureGaussianCDF,
     _chunks,
+    _forward,
     log_mills_ratio,
     log_survival,
     ndtri_exp,
@@ -427,16 +428,19 @@ def check_converged_within_four_ulps(layer, y, dtype):
 
 
 def check_tail_pass_in_small_chunks(monkeypatch, dtype):
-    """The tail pass gathers its elements in chunks and writes over the bulk's.
+    """The tail pass gathers its blocks in chunks and writes over the bulk's.
 
-    With its chunk size patched down to 8 elements, 101 tail elements (|y|
-    beyond the bulk pass's reach: |x - μ| of 60 to 1e3 σ) spread over a batch
-    of 240 run in 13 chunks, the last one clamped into range; the bulk
-    elements between them, element 0 among them (where the padding's
-    out-of-range index must write nothing), keep the bulk pass's values. All
-    must match the mpmath reference.
+    With blocks patched down to 7 elements and chunks to 2 blocks, 101 tail
+    elements (|y| beyond the bulk pass's reach: |x - μ| of 60 to 1e3 σ) on
+    every other row of a batch of 240 (34 blocks and a padded 35th) lie in
+    29 blocks, which run in 15 chunks, the last one clamped into range. The
+    bulk elements between them, which run through the tail pass with their
+    block, keep the bulk pass's values; so does element 0, where the padding's
+    out-of-range index must write nothing. All must match the mpmath
+    reference.
     """
-    monkeypatch.setitem(_chunks._CPU_CHUNK_ELEMENTS, "tail", 8)
+    monkeypatch.setitem(_chunks._CPU_CHUNK_ELEMENTS, "tail", 14)
+    monkeypatch.setattr(_forward, "_TAIL_BLOCK", 7)
     params = (
         np.array([0.2, -0.4, 0.1]),
         np.array([-1.0, 0.5, 2.0]),
