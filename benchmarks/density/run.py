@@ -310,6 +310,24 @@ def gaussian_nll(train, test):
 _STEP_CACHE: dict = {}
 
 
+def release_compiled_code():
+    """Drops jax's compiled functions once they hold half the process's memory maps.
+
+    Every compiled XLA CPU function keeps memory mappings; a full run compiles
+    thousands and otherwise dies in LLVM ("Cannot allocate memory") when the
+    process reaches the kernel's ``vm.max_map_count``.
+    """
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        maps = Path("/proc/self/maps").read_text().count("\n")
+    except OSError:  # not Linux: no such limit to watch
+        return
+    if maps > limit // 2:
+        jax.clear_caches()
+        _STEP_CACHE.clear()
+        print(f" (released compiled code: {maps} memory maps)", flush=True)
+
+
 def timed(fn, *args, repeats=3):
     out = jax.block_until_ready(fn(*args))  # warm-up / compile
     times = []
@@ -997,6 +1015,7 @@ def main(argv=None):
                 densities.setdefault(name, {})[f"{track}: {label}"] = d
         elapsed = (time.perf_counter() - start) / 60
         print(f" ({elapsed:.1f} min so far)", flush=True)
+        release_compiled_code()
     wall = time.perf_counter() - start
     suffix = "_quick" if args.quick else ""
     payload = {"config": cfg, "wall_s": wall, "datasets": infos, "tracks": results}
