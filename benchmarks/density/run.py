@@ -920,8 +920,10 @@ def render(paths, out):
         if len(paths) > 1:  # run side by side: one wall time per part
             for track in part["tracks"]:
                 payload["walls"][track] = part["wall_s"]
-            payload.setdefault("commands", []).append(
-                (part.get("command") or _command(part), part["wall_s"])
+            # A part that is itself a merge brings its own runs' commands.
+            payload.setdefault("commands", []).extend(
+                part.get("commands")
+                or [(part.get("command") or _command(part), part["wall_s"])]
             )
     order = {name: i for i, name in enumerate(ALL)}
     payload["datasets"] = dict(
