@@ -321,10 +321,9 @@ def _tail_pass_in_chunks(y, log_det, x, params, needs_tail):
         # `dynamic_slice` clamps the last chunk into range, so it may redo a
         # few flagged blocks: identical inputs, identical writes.
         block_index = lax.dynamic_slice(flagged, (index_of_chunk * chunk,), (chunk,))
-        # Entries past the batch (padding, or past the last block) get index
-        # `size`: clipped when read, dropped when written.
+        # Entries past the batch (padding, or past the last block) are clipped
+        # when read and, being unflagged, never written.
         index = (block_index[:, None] * block + offsets).ravel()
-        index = jnp.where(index < size, index, size)
         subset = tuple(
             gather_rows(p, jnp.minimum(index, size - 1), batch_shape, trailing=1)
             for p in params
@@ -335,14 +334,12 @@ def _tail_pass_in_chunks(y, log_det, x, params, needs_tail):
             upper_flat.at[index].get(mode="clip"),
         )
         y_out, log_det_out = outputs
+        # Only flagged entries are written; the others point past the end.
         flagged_here = flags.at[index].get(mode="fill", fill_value=False)
-        keep_y = y_out.at[index].get(mode="clip")
-        keep_log_det = log_det_out.at[index].get(mode="clip")
+        target = jnp.where(flagged_here, index, size)
         return (
-            y_out.at[index].set(jnp.where(flagged_here, y_subset, keep_y), mode="drop"),
-            log_det_out.at[index].set(
-                jnp.where(flagged_here, log_det_subset, keep_log_det), mode="drop"
-            ),
+            y_out.at[target].set(y_subset, mode="drop"),
+            log_det_out.at[target].set(log_det_subset, mode="drop"),
         )
 
     chunks = (count + chunk - 1) // chunk
