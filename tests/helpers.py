@@ -1020,48 +1020,42 @@ def _contract_batched_params(dtype, size):
     )
 
 
-def _batched_program(f, transform):
-    """``transform`` of ``f`` as a function of ``(xs, params, batch, regular)``."""
-    in_axes = (0, None)
-    if transform in ("batched_call", "vmap"):
-        if transform == "batched_call":
-            return lambda xs, params, *_: f(xs, params)
-        return lambda xs, params, *_: jax.vmap(f, in_axes)(xs, params)
-    if transform in ("vmap_grad", "vmap_jacfwd", "vmap_jacrev", "vmap_hessian"):
-        derivative = {
-            "vmap_grad": jax.grad,
-            "vmap_jacfwd": jax.jacfwd,
-            "vmap_jacrev": jax.jacrev,
-            "vmap_hessian": jax.hessian,
-        }[transform]
-        return lambda xs, params, *_: jax.vmap(derivative(f), in_axes)(xs, params)
-    if transform == "per_example_param_grad":
-        return lambda xs, params, *_: jax.vmap(jax.grad(f, argnums=1), in_axes)(
-            xs, params
-        )
-    if transform == "grad_of_vmapped_loss":
-        return lambda xs, params, *_: jax.grad(
-            lambda xs: jnp.sum(jax.vmap(f, in_axes)(xs, params))
-        )(xs)
+def _batched_programs(f):
+    """Every batched transformation of ``f``, each a function of four arguments.
 
-    if transform == "param_grad_of_vmapped_loss":
-        # The loss masks the irregular elements out, as a user's would.
-        def masked_param_grad(xs, params, batch, regular):
-            del batch
-            return jax.grad(
-                lambda p: jnp.sum(jnp.where(regular, jax.vmap(f, in_axes)(xs, p), 0.0))
-            )(params)
+    The arguments are ``(xs, params, batch, regular)``: ``batch`` holds one
+    mixture per element (``vmap_over_bijectors``), and ``regular`` masks the
+    irregular inputs out of the parameter-gradient loss, as a user's would.
+    """
 
-        return masked_param_grad
-    if transform == "vmap_over_bijectors":
-        return lambda xs, params, batch, regular: jax.vmap(jax.value_and_grad(f))(
-            xs, batch
-        )
-    if transform == "jit_inside_vmap":
-        return lambda xs, params, *_: jax.vmap(jax.jit(jax.grad(f)), in_axes)(
+    def each(g):
+        return lambda xs, params, batch, regular: jax.vmap(g, (0, None))(xs, params)
+
+    def summed(xs, params):
+        return jnp.sum(jax.vmap(f, (0, None))(xs, params))
+
+    def masked_sum(params, xs, regular):
+        return jnp.sum(jnp.where(regular, jax.vmap(f, (0, None))(xs, params), 0.0))
+
+    return {
+        "batched_call": lambda xs, params, batch, regular: f(xs, params),
+        "vmap": each(f),
+        "vmap_grad": each(jax.grad(f)),
+        "vmap_jacfwd": each(jax.jacfwd(f)),
+        "vmap_jacrev": each(jax.jacrev(f)),
+        "vmap_hessian": each(jax.hessian(f)),
+        "per_example_param_grad": each(jax.grad(f, argnums=1)),
+        "grad_of_vmapped_loss": lambda xs, params, batch, regular: jax.grad(summed)(
             xs, params
-        )
-    raise ValueError(transform)
+        ),
+        "param_grad_of_vmapped_loss": lambda xs, params, batch, regular: jax.grad(
+            masked_sum
+        )(params, xs, regular),
+        "vmap_over_bijectors": lambda xs, params, batch, regular: jax.vmap(
+            jax.value_and_grad(f)
+        )(xs, batch),
+        "jit_inside_vmap": each(jax.jit(jax.grad(f))),
+    }
 
 
 @functools.cache
@@ -1072,14 +1066,27 @@ def _contract_batched(name: str, transforms: tuple[str, ...]):
     inside the one ``jit`` each output is still its own transformation (and
     ``jit_inside_vmap`` keeps its inner ``jit``).
     """
-    f = _contract_map(name)
-    programs = {t: _batched_program(f, t) for t in transforms}
-    return jax.jit(lambda *args: {t: g(*args) for t, g in programs.items()})
+    programs = _batched_programs(_contract_map(name))
+    return jax.jit(lambda *args: {t: programs[t](*args) for t in transforms})
 
 
 def _transforms_of(name: str, dtype) -> tuple[str, ...]:
     cells = CONTRACT_CELLS_FLOAT32 if dtype == np.float32 else CONTRACT_CELLS_FLOAT64
     return tuple(t for n, t in cells if n == name)
+
+
+# The unbatched program each batched transformation is compared with.
+_REFERENCE_PROGRAM = {
+    "batched_call": "value",
+    "vmap": "value",
+    "vmap_grad": "grad",
+    "vmap_jacrev": "grad",
+    "grad_of_vmapped_loss": "grad",
+    "jit_inside_vmap": "grad",
+    "vmap_jacfwd": "jacfwd",
+    "vmap_hessian": "hessian",
+    "per_example_param_grad": "param_grad",
+}
 
 
 def contract_computed_and_expected(name: str, transform: str, dtype):
@@ -1092,20 +1099,8 @@ def contract_computed_and_expected(name: str, transform: str, dtype):
     got = _contract_batched(name, _transforms_of(name, dtype))(
         xs, params, batch, jnp.asarray(regular)
     )[transform]
-    if transform in ("batched_call", "vmap"):
-        return got, _per_element("value", xs, same, name)
-    if transform in (
-        "vmap_grad",
-        "vmap_jacrev",
-        "grad_of_vmapped_loss",
-        "jit_inside_vmap",
-    ):
-        return got, _per_element("grad", xs, same, name)
-    if transform in ("vmap_jacfwd", "vmap_hessian"):
-        key = "jacfwd" if transform == "vmap_jacfwd" else "hessian"
-        return got, _per_element(key, xs, same, name)
-    if transform == "per_example_param_grad":
-        return got, _per_element("param_grad", xs, same, name)
+    if transform in _REFERENCE_PROGRAM:
+        return got, _per_element(_REFERENCE_PROGRAM[transform], xs, same, name)
     if transform == "param_grad_of_vmapped_loss":
         per = _per_element("param_grad", xs[regular], same, name)
         return got, jax.tree_util.tree_map(lambda g: g.sum(axis=0), per)
