@@ -988,8 +988,8 @@ def _contract_unbatched(name: str):
 
     Each batched derivative is compared with the same derivative program
     called on one element: reverse and forward mode round differently, and
-    the contract is about batching, not about the mode. One program for all
-    of them compiles in about half the time of one program each.
+    the contract is about batching, not about the mode. One program serves
+    them all, so each worker compiles it once per map.
     """
     f = _contract_map(name)
 
