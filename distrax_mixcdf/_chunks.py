@@ -207,16 +207,29 @@ def map_lane_chunks(
         array = array.reshape(array.shape[0], chunks, chunk, *array.shape[2:])
         return jnp.moveaxis(array, 1, 0)
 
+    def split_leaf(leaf):
+        # A leaf of one row (per-element parameters) is chunked without its
+        # unit row axis: XLA's CPU backend would copy the whole array to move
+        # a unit axis behind the chunk axis.
+        if leaf.shape[0] == 1:
+            return split(leaf)[:, 0]
+        return split(leaf)
+
     leaves, tree = jax.tree_util.tree_flatten(shared)
     chunked = [has_lanes(leaf, lanes) for leaf in leaves]
     mapped = (
         tuple(split(a) for a in batched),
-        [split(leaf) for leaf, c in zip(leaves, chunked) if c],
+        [split_leaf(leaf) for leaf, c in zip(leaves, chunked) if c],
     )
+    leaf_rows = [leaf.shape[0] for leaf, c in zip(leaves, chunked) if c]
     fixed = [leaf for leaf, c in zip(leaves, chunked) if not c]
 
     def chunk_body(chunk_arrays):
         chunk_batched, chunk_leaves = chunk_arrays
+        chunk_leaves = [
+            leaf[None] if rows == 1 else leaf
+            for leaf, rows in zip(chunk_leaves, leaf_rows)
+        ]
         chunk_iter, fixed_iter = iter(chunk_leaves), iter(fixed)
         merged = [next(chunk_iter) if c else next(fixed_iter) for c in chunked]
         return run(*chunk_batched, jax.tree_util.tree_unflatten(tree, merged))

@@ -7,6 +7,8 @@ reducing over a short minor axis. `fold` unrolls up to ``2 * BLOCK - 1``
 components; from ``2 * BLOCK`` on, whole blocks of `BLOCK` run as a
 ``lax.fori_loop`` and the remainder (under `BLOCK`) is unrolled after it, so
 the compiled program has at most two blocks' code whatever ``K`` is.
+`reduce_components` is the same loop for a maximum, minimum or sum over the
+components of one array.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["BLOCK", "fold"]
+__all__ = ["BLOCK", "fold", "reduce_components"]
 
 # Components per unrolled block: one block is one fused kernel per pass.
 BLOCK = 8
@@ -78,3 +80,18 @@ def fold(
     # padding components, so K = 9 costs nine components, not sixteen.
     start = BLOCK * blocks if blocks > 1 else 0
     return run(carry, params, start, size)
+
+
+def reduce_components(
+    combine: Callable[[jax.Array, jax.Array], jax.Array], values: jax.Array
+) -> jax.Array:
+    """``combine`` folded over the component axis of ``values [..., K]``.
+
+    An elementwise fold rather than a reduction over the minor axis: XLA's
+    CPU backend hands such reductions to a library kernel several times
+    slower than one fused elementwise loop.
+    """
+    first = values[..., 0]
+    if values.shape[-1] == 1:
+        return first
+    return fold(combine, first, (values[..., 1:],), first.shape)

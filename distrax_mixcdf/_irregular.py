@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distrax_mixcdf import _chunks
-from distrax_mixcdf._components import fold
+from distrax_mixcdf._components import fold, reduce_components
 
 __all__ = [
     "apply_policy",
@@ -62,8 +62,8 @@ def forward_reach(params) -> jax.Array:
     """
     _, means, log_scales = params
     threshold = saturation_threshold(means.dtype)
-    widest = threshold * jnp.exp(jnp.max(log_scales, axis=-1))
-    return widest - jnp.max(jnp.abs(means), axis=-1)
+    widest = threshold * jnp.exp(reduce_components(jnp.maximum, log_scales))
+    return widest - reduce_components(jnp.maximum, jnp.abs(means))
 
 
 def forward_saturation(x, params):
@@ -162,7 +162,7 @@ def _far(value, params, saturation, stand_in, sign):
     finite = jnp.isfinite(value)
     safe = jnp.where(finite, value, stand_in(params))
     saturated, out_far, log_det_far = saturation(safe, params)
-    limit = sign * jnp.max(params[2], axis=-1)
+    limit = sign * reduce_components(jnp.maximum, params[2])
     # `value == value` is False only for NaN, which stays NaN.
     log_det_other = jnp.where(value == value, limit, value)
     out = jnp.where(saturated, out_far, value)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from distrax_mixcdf import _chunks
+from distrax_mixcdf._components import reduce_components
 from distrax_mixcdf._forward import (
     cdf_bracket,
     forward_with_curvature,
@@ -111,7 +112,7 @@ def _trusted_step(dtype) -> float:
 
 def _inverse_min_variance(params: Params) -> jax.Array:
     """``1/σ_min²`` per parameter set, the scale on which the curvature varies."""
-    return jnp.exp(-2.0 * jnp.min(params[2], axis=-1))
+    return jnp.exp(-2.0 * reduce_components(jnp.minimum, params[2]))
 
 
 def _tolerance(options: SolverOptions, dtype) -> float:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from distrax_mixcdf import _chunks
 from distrax_mixcdf._components import fold
@@ -134,17 +135,11 @@ class Mixture(NamedTuple):
     weights: jax.Array
     scales: jax.Array
     inv_scales: jax.Array
-    # For the inverse's irregular elements (`_inverse_far_tangents`): the
-    # components owning the far tails, and max_k log σ_k's derivative weights.
-    tail_positive: jax.Array
-    tail_negative: jax.Array
-    widest_share: jax.Array
 
 
 def mixture_arrays(params: Params) -> Mixture:
     """The `Mixture` of ``(log_weights, means, log_scales)``."""
     log_weights, means, log_scales = params
-    widest = log_scales == jnp.max(log_scales, axis=-1, keepdims=True)
     return Mixture(
         log_weights,
         means,
@@ -152,9 +147,6 @@ def mixture_arrays(params: Params) -> Mixture:
         jnp.exp(log_weights),
         jnp.exp(log_scales),
         jnp.exp(-log_scales),
-        *tail_components(params),
-        # JAX splits the derivative of a max evenly among ties.
-        widest / jnp.sum(widest, axis=-1, keepdims=True),
     )
 
 
@@ -291,9 +283,10 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     `_irregular.inverse_far`'s closed forms from the solver; their tangents
     are those of the closed forms (`_inverse_far_tangents`), and the rule's
     coefficients are evaluated at a finite stand-in there, so a zero
-    cotangent never meets an infinite coefficient. This runs on every element,
-    with no batch-level branch, so ``vmap`` of any derivative sees the same
-    program as the batched call.
+    cotangent never meets an infinite coefficient. Every element runs the
+    same code; only with per-element parameters are the far tangents skipped
+    for a chunk without irregular elements (a ``lax.cond`` whose branches agree
+    there, so ``vmap``, which runs both, gives the same numbers).
 
     Args:
       x: A point of the forward map.
@@ -387,12 +380,22 @@ def _chunk_tangents(x, y, log_det, known_dot, shared, solve_for):
     log_det_dot = log_density_dot - coefficients.curvature * x_dot + y * y_dot
     if solve_for == "y":
         return solved_dot, log_det_dot
-    x_far_dot, log_det_far_dot = _inverse_far_tangents(
-        y_given, mixture, known_dot, *given_params_dot[1:]
-    )
-    return (
-        jnp.where(regular, solved_dot, x_far_dot),
-        jnp.where(regular, -log_det_dot, log_det_far_dot),
+
+    def with_far_tangents():
+        x_far_dot, log_det_far_dot = _inverse_far_tangents(
+            y_given, mixture, known_dot, *given_params_dot[1:]
+        )
+        return (
+            jnp.where(regular, solved_dot, x_far_dot),
+            jnp.where(regular, -log_det_dot, log_det_far_dot),
+        )
+
+    if mixture.log_weights.shape[-2] == 1:
+        return with_far_tangents()
+    # With per-element parameters the tail owners are reductions over [..., K]
+    # per element: formed only in a chunk that has an irregular element.
+    return lax.cond(
+        jnp.all(regular), lambda: (solved_dot, -log_det_dot), with_far_tangents
     )
 
 
@@ -409,11 +412,16 @@ def _inverse_far_tangents(y, mixture: Mixture, y_dot, mean_dot, log_scale_dot):
     def owner(mask, values):
         return jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
 
+    log_scales = mixture.log_scales
+    widest = log_scales == jnp.max(log_scales, axis=-1, keepdims=True)
+    # JAX splits the derivative of a max evenly among ties.
+    widest_share = widest / jnp.sum(widest, axis=-1, keepdims=True)
+
     finite = jnp.isfinite(y)
     y_safe = jnp.where(finite, y, 0.0)
     saturated = finite & (jnp.abs(y) > saturation_threshold(y.dtype))
     positive = y_safe > 0
-    tails = (mixture.tail_positive, mixture.tail_negative)
+    tails = tail_components((mixture.log_weights, mixture.means, log_scales))
     mean_dot_at, log_scale_dot_at, scale_at = (
         jnp.where(positive, owner(tails[0], v), owner(tails[1], v))
         for v in (mean_dot, log_scale_dot, mixture.scales)
@@ -423,7 +431,7 @@ def _inverse_far_tangents(y, mixture: Mixture, y_dot, mean_dot, log_scale_dot):
         mean_dot_at + scale_at * (y_safe * log_scale_dot_at + y_dot),
         y_dot,
     )
-    widest_dot = jnp.sum(mixture.widest_share * log_scale_dot, axis=-1)
+    widest_dot = jnp.sum(widest_share * log_scale_dot, axis=-1)
     log_det_far_dot = jnp.where(
         saturated, log_scale_dot_at, jnp.where(y == y, widest_dot, y_dot)
     )

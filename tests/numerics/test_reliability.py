@@ -153,8 +153,10 @@ def test_nan_and_inf_policy_elementwise_with_finite_masked_gradients():
     del ref_grads
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_inverse_tangents_at_irregular_inputs_are_the_far_maps(tied):
+@pytest.mark.parametrize(
+    ("tied", "per_element"), [(False, False), (True, False), (True, True)]
+)
+def test_inverse_tangents_at_irregular_inputs_are_the_far_maps(tied, per_element):
     """The implicit inverse handles NaN, ±inf and saturated y inside its rule.
 
     Its tangents there (`_tangents._inverse_far_tangents`, written by hand so
@@ -162,15 +164,19 @@ def test_inverse_tangents_at_irregular_inputs_are_the_far_maps(tied):
     the closed forms in `_irregular.inverse_far`, for y and every parameter,
     in both outputs. "tied": two components share the widest scale, so the
     tie-breaks (the bracket end for saturated y, JAX's even split of the max
-    for ±inf) are exercised.
+    for ±inf) are exercised. "per_element": one parameter set per input, where
+    the rule forms the far tangents only for chunks with an irregular input.
     """
     from distrax_mixcdf import _irregular
 
-    log_scales = [-1.0, 0.5, 0.0, 0.5 if tied else 0.2]
-    layer = helpers.make_bijector(
-        [0.3, -1.0, 0.5, 0.0], [-2.0, 0.0, 5.0, 1.0], log_scales, DTYPE
-    )
     y = jnp.asarray([3e30, -3e30, 2e19, -5e18, np.inf, -np.inf, np.nan], DTYPE)
+    log_scales = [-1.0, 0.5, 0.0, 0.5 if tied else 0.2]
+    params = ([0.3, -1.0, 0.5, 0.0], [-2.0, 0.0, 5.0, 1.0], log_scales)
+    if per_element:
+        # Each element's mixture shifted differently, so a mix-up shows.
+        shift = np.linspace(-0.5, 0.5, y.size)[:, None]
+        params = tuple(np.asarray(p) + shift for p in params)
+    layer = helpers.make_bijector(*params, DTYPE)
     cotangents = jnp.asarray([1.0, -0.5, 2.0, 0.25, 0.0, 0.0, 0.0], DTYPE)
 
     def weighted(pair):
