@@ -368,9 +368,6 @@ def _forward_and_sums(x, params, with_slope):
     The last is zero unless ``with_slope``.
     """
     signed_tail = _bulk_signed_tail(x, params)
-    # The component loop and `ndtri` in separate kernels: fused together they
-    # exceed XLA's fusion size and it splits the loop per component.
-    signed_tail = lax.optimization_barrier(signed_tail)
     y_bulk = _latent_from_signed_tail(signed_tail)
     log_f, weighted_slope = _log_density_sums(x, params, with_slope)
     log_det_bulk = log_f + 0.5 * jnp.square(y_bulk)

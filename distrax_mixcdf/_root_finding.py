@@ -233,10 +233,6 @@ def _step(
     x = state.x
     tol = _tolerance(options, x.dtype)
     y_at_x, log_det, curvature = _evaluate(x, params, differentiable)
-    # Materialise the three expensive per-element results once: without the
-    # barrier XLA fuses the component loops into each of the state updates below
-    # and evaluates them several times per iteration.
-    y_at_x, log_det, curvature = lax.optimization_barrier((y_at_x, log_det, curvature))
     residual = y_at_x - y
     lower = jnp.where(residual < 0, x, state.lower)
     upper = jnp.where(residual > 0, x, state.upper)
