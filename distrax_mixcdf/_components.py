@@ -8,7 +8,8 @@ components; from ``2 * BLOCK`` on, whole blocks of `BLOCK` run as a
 ``lax.fori_loop`` and the remainder (under `BLOCK`) is unrolled after it, so
 the compiled program has at most two blocks' code whatever ``K`` is.
 `reduce_components` is the same loop for a maximum, minimum or sum over the
-components of one array.
+components of one array, and `logsumexp_components` for a logsumexp;
+`log_normalise` is ``log_softmax`` over the components.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["BLOCK", "fold", "reduce_components"]
+__all__ = [
+    "BLOCK",
+    "fold",
+    "log_normalise",
+    "logsumexp_components",
+    "reduce_components",
+]
 
 # Components per unrolled block: one block is one fused kernel per pass.
 BLOCK = 8
@@ -95,3 +102,33 @@ def reduce_components(
     if values.shape[-1] == 1:
         return first
     return fold(combine, first, (values[..., 1:],), first.shape)
+
+
+def logsumexp_components(values: jax.Array) -> jax.Array:
+    r"""``log Σ_k exp(values_k)`` over the component axis of ``values [..., K]``.
+
+    Shifted by the largest entry (0 where it is not finite); an elementwise
+    fold, like `reduce_components`.
+    """
+    largest = reduce_components(jnp.maximum, values)
+    shift = jnp.where(jnp.isfinite(largest), largest, 0.0)
+    total = fold(
+        lambda s, value: s + jnp.exp(value - shift),
+        jnp.zeros((), values.dtype),
+        (values,),
+        shift.shape,
+    )
+    return shift + jnp.log(total)
+
+
+def log_normalise(values: jax.Array) -> jax.Array:
+    r"""``values - logsumexp(values)`` over the component axis: ``log_softmax``.
+
+    The sum is a product with ones, whose result XLA keeps in memory: an
+    elementwise normaliser would be fused into, and recomputed by, every
+    consumer of every component.
+    """
+    largest = reduce_components(jnp.maximum, values)[..., None]
+    shift = jnp.where(jnp.isfinite(largest), largest, 0.0)
+    total = jnp.exp(values - shift) @ jnp.ones(values.shape[-1], values.dtype)
+    return values - (shift + jnp.log(total)[..., None])

@@ -3,6 +3,9 @@
 Pure functions of ``(x, log_weights, means, log_scales)``; the parameters have
 shape ``[..., K]`` and broadcast against ``x``. Derivatives come from the
 closed-form rule in `_tangents.py`, which wraps `forward_primal`.
+`forward_primal` takes unnormalised log-weights (logits) and normalises them
+inside the component loops (`_normalised`); the other functions here take
+normalised ones.
 
 The forward runs in two passes:
 
@@ -32,7 +35,7 @@ from jax import lax
 from jax.scipy.special import ndtri
 
 from distrax_mixcdf import _chunks
-from distrax_mixcdf._components import fold
+from distrax_mixcdf._components import fold, logsumexp_components
 from distrax_mixcdf._gaussian import (
     log_mills_asymptotic,
     log_survival_and_log_mills,
@@ -89,7 +92,19 @@ _CENTRAL_TAIL_START = 7.0 / 16.0
 _CENTRAL_SLACK_PER_TAIL = 1.0 / 32.0
 
 
-def _bulk_signed_tail(x, params):
+def _normalised(body, log_norm):
+    """A `fold` body that sees ``log_weight - log_norm`` (unchanged for ``None``).
+
+    Subtracting per component inside the loop, rather than normalising the
+    ``[N, K]`` logits up front, saves a library reduction and an ``[N, K]``
+    copy when every element has its own logits.
+    """
+    if log_norm is None:
+        return body
+    return lambda carry, log_weight, *rest: body(carry, log_weight - log_norm, *rest)
+
+
+def _bulk_signed_tail(x, params, log_norm=None):
     """The smaller tail mass ``min(F, 1-F)``, signed: negative on the lower side.
 
     Linear-space sums of one monotone `survival` per component, which gives
@@ -108,7 +123,12 @@ def _bulk_signed_tail(x, params):
         return lower, upper
 
     zero = jnp.zeros((), x.dtype)
-    lower, upper = fold(add_component, (zero, zero), params, _batch_shape(x, params))
+    lower, upper = fold(
+        _normalised(add_component, log_norm),
+        (zero, zero),
+        params,
+        _batch_shape(x, params),
+    )
     difference = upper - lower
     smaller = jnp.minimum(lower, upper)
     central = 0.5 - 0.5 * jnp.abs(difference)
@@ -179,7 +199,7 @@ def _log_density_term(x, log_weight, mean, log_scale):
     return term, offset * inv_variance
 
 
-def _log_density_sums(x, params, with_slope):
+def _log_density_sums(x, params, with_slope, log_norm=None):
     r"""``log f(x) + log √(2π)`` and, optionally, ``Σ_k ρ_k z_k/σ_k``.
 
     A logsumexp shifted by the largest term keeps ``log f`` exact between
@@ -189,7 +209,10 @@ def _log_density_sums(x, params, with_slope):
     """
     shape = _batch_shape(x, params)
     largest = fold(
-        lambda m, *component: jnp.maximum(m, _log_density_term(x, *component)[0]),
+        _normalised(
+            lambda m, *component: jnp.maximum(m, _log_density_term(x, *component)[0]),
+            log_norm,
+        ),
         jnp.asarray(-jnp.inf, x.dtype),
         params,
         shape,
@@ -205,7 +228,9 @@ def _log_density_sums(x, params, with_slope):
         return total + responsibility, weighted
 
     zero = jnp.zeros((), x.dtype)
-    total, weighted = fold(add_component, (zero, zero), params, shape)
+    total, weighted = fold(
+        _normalised(add_component, log_norm), (zero, zero), params, shape
+    )
     return shift + jnp.log(total), weighted / total
 
 
@@ -289,7 +314,7 @@ def gather_rows(values, flat_index, batch_shape, trailing):
 _TAIL_BLOCK = 64
 
 
-def _tail_pass_in_chunks(y, log_det, x, params, needs_tail):
+def _tail_pass_in_chunks(y, log_det, x, params, needs_tail, log_norm=None):
     """``(y, log_det)`` with the flagged entries replaced by the tail pass's.
 
     The blocks of `_TAIL_BLOCK` elements holding a flagged element are
@@ -324,10 +349,11 @@ def _tail_pass_in_chunks(y, log_det, x, params, needs_tail):
         # Entries past the batch (padding, or past the last block) are clipped
         # when read and, being unflagged, never written.
         index = (block_index[:, None] * block + offsets).ravel()
-        subset = tuple(
-            gather_rows(p, jnp.minimum(index, size - 1), batch_shape, trailing=1)
-            for p in params
-        )
+        clipped = jnp.minimum(index, size - 1)
+        subset = tuple(gather_rows(p, clipped, batch_shape, trailing=1) for p in params)
+        if log_norm is not None:
+            norm = gather_rows(log_norm, clipped, batch_shape, trailing=0)
+            subset = (subset[0] - norm[..., None], *subset[1:])
         y_subset, log_det_subset = _tail_pass(
             x_flat.at[index].get(mode="clip"),
             subset,
@@ -362,19 +388,22 @@ def log_det_slope(x: jax.Array, params: Params, y: jax.Array, log_det: jax.Array
     return y * jnp.exp(log_det) - _log_density_sums(x, params, with_slope=True)[1]
 
 
-def _forward_and_sums(x, params, with_slope):
+def _forward_and_sums(x, params, with_slope, log_norm=None):
     """``(y, log_det, Σ ρ_k z_k/σ_k)`` on the canonical layout (`_chunks.canonical`).
 
-    The last is zero unless ``with_slope``.
+    The last is zero unless ``with_slope``. ``log_norm`` (`logsumexp_components`)
+    is subtracted from the log-weights where they are unnormalised.
     """
-    signed_tail = _bulk_signed_tail(x, params)
+    signed_tail = _bulk_signed_tail(x, params, log_norm)
     y_bulk = _latent_from_signed_tail(signed_tail)
-    log_f, weighted_slope = _log_density_sums(x, params, with_slope)
+    log_f, weighted_slope = _log_density_sums(x, params, with_slope, log_norm)
     log_det_bulk = log_f + 0.5 * jnp.square(y_bulk)
     needs_tail = jnp.abs(y_bulk) >= _Y_SENTINEL
     y, log_det = lax.cond(
         jnp.any(needs_tail),
-        lambda: _tail_pass_in_chunks(y_bulk, log_det_bulk, x, params, needs_tail),
+        lambda: _tail_pass_in_chunks(
+            y_bulk, log_det_bulk, x, params, needs_tail, log_norm
+        ),
         lambda: (y_bulk, log_det_bulk),
     )
     return y, log_det, weighted_slope
@@ -405,13 +434,14 @@ def forward_primal(x: jax.Array, params: Params) -> tuple[jax.Array, jax.Array]:
     Args:
       x: Inputs, broadcastable against ``params[i].shape[:-1]``.
       params: ``(log_weights, means, log_scales)``, each ``[..., K]``; the log
-        weights normalised (``logsumexp = 0``).
+        weights may be unnormalised (logits): ``w = softmax(log_weights)``.
 
     Returns:
       ``(y, log_det)``, both of the broadcast batch shape.
     """
     x, params, layout = _chunks.canonical(x, params)
-    y, log_det, _ = _forward_and_sums(x, params, with_slope=False)
+    log_norm = logsumexp_components(params[0])
+    y, log_det, _ = _forward_and_sums(x, params, with_slope=False, log_norm=log_norm)
     return layout.restore(y), layout.restore(log_det)
 
 

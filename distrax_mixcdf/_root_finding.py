@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from distrax_mixcdf import _chunks
-from distrax_mixcdf._components import reduce_components
+from distrax_mixcdf._components import log_normalise, reduce_components
 from distrax_mixcdf._forward import (
     cdf_bracket,
     forward_with_curvature,
@@ -356,7 +356,8 @@ def solve(
 
     Args:
       y: Latent values, broadcastable against the parameter batch shape.
-      params: ``(log_weights, means, log_scales)``, each ``[..., K]``.
+      params: ``(log_weights, means, log_scales)``, each ``[..., K]``; the
+        log-weights may be unnormalised (logits).
       options: Solver settings.
       use_table: Allow the knot-table start (the table's own solve says no).
 
@@ -372,6 +373,8 @@ def solve(
 def _batch_solver(options: SolverOptions, use_table: bool):
     def run(y, params):
         y, params, layout = _chunks.canonical(y, params)
+        if not _chunks.has_lanes(params[0], y.shape[1]):
+            params = _normalised(params)  # small: once, before the table
         table = None
         if use_table and _uses_table(y, params):
             table = _knot_table(params, options, y.dtype)
@@ -460,9 +463,17 @@ def _run(state, y, params, options, max_iter):
     )
 
 
+def _normalised(params: Params) -> Params:
+    """``params`` with the log-weights normalised (``logsumexp = 0``)."""
+    return log_normalise(params[0]), params[1], params[2]
+
+
 def _solve_chunk(y, shared, options: SolverOptions):
     """`solve` on one chunk of the batch: its own loop, stopping on its own."""
     params, table = shared
+    if _chunks.has_lanes(params[0], y.shape[1]):
+        # Per-element logits, normalised chunk by chunk, in cache.
+        params = _normalised(params)
     # NaN, ±inf and saturated y are solved at 0 and then replaced (`_irregular`).
     # NaN compares False, so it is irregular too.
     regular = jnp.abs(y) <= inverse_reach(params)
@@ -529,7 +540,8 @@ def implicit_inverse(y: jax.Array, params: Params, options: SolverOptions):
 
     Args:
       y: Latent values.
-      params: ``(log_weights, means, log_scales)``, each ``[..., K]``.
+      params: ``(log_weights, means, log_scales)``, each ``[..., K]``; the
+        log-weights may be unnormalised (logits).
       options: Solver settings (static).
 
     Returns:
@@ -567,7 +579,8 @@ def inverse_and_log_det(
 
     Args:
       y: Latent values.
-      params: ``(log_weights, means, log_scales)``, each ``[..., K]``.
+      params: ``(log_weights, means, log_scales)``, each ``[..., K]``; the
+        log-weights may be unnormalised (logits).
       options: Solver settings.
 
     Returns:
@@ -575,6 +588,7 @@ def inverse_and_log_det(
     """
     if options.inverse_grad == "implicit":
         return implicit_inverse(y, params, options)
+    params = (jax.nn.log_softmax(params[0], axis=-1), *params[1:])
     if options.inverse_grad == "one_step":
         root = solve(lax.stop_gradient(y), lax.stop_gradient(params), options)[0]
         y_at_root, log_det = forward_and_log_det(root, params)

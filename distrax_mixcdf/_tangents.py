@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from distrax_mixcdf import _chunks
-from distrax_mixcdf._components import fold
+from distrax_mixcdf._components import fold, log_normalise
 from distrax_mixcdf._forward import forward_primal
 from distrax_mixcdf._gaussian import LOG_SQRT_2PI, mills_ratio
 from distrax_mixcdf._irregular import saturation_threshold, tail_components
@@ -53,7 +53,7 @@ def forward_and_log_det(x: jax.Array, params: Params) -> tuple[jax.Array, jax.Ar
     Args:
       x: Inputs, broadcastable against ``params[i].shape[:-1]``.
       params: ``(log_weights, means, log_scales)``, each ``[..., K]``; the log
-        weights normalised.
+        weights may be unnormalised (logits): ``w = softmax(log_weights)``.
 
     Returns:
       ``(y, log_det)``, both of the broadcast batch shape.
@@ -138,8 +138,14 @@ class Mixture(NamedTuple):
 
 
 def mixture_arrays(params: Params) -> Mixture:
-    """The `Mixture` of ``(log_weights, means, log_scales)``."""
+    """The `Mixture` of ``(log_weights, means, log_scales)``, log-weights normalised.
+
+    The log-weights may be unnormalised (logits): they are normalised here,
+    per chunk for per-element parameters, where the ``[chunk, K]`` arrays
+    stay in cache.
+    """
     log_weights, means, log_scales = params
+    log_weights = log_normalise(log_weights)
     return Mixture(
         log_weights,
         means,
@@ -268,9 +274,10 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
               - \sum_k s\,\frac{w_k Q(s z_k)}{\varphi(y)}\,\dot{\log w_k},
 
     which the forward evaluates as written and the inverse solves for ``ẋ``
-    (the implicit function theorem). The weight term uses
-    ``Σ_k w_k \dot{\log w_k} = 0``, true for tangents through ``log_softmax``.
-    Then
+    (the implicit function theorem). The log-weights may be unnormalised
+    logits ``l``: their tangents enter as those of ``log_softmax(l)``,
+    ``\dot{\log w_k} = \dot l_k - \sum_j w_j \dot l_j``, so the weight term
+    may use ``Σ_k w_k \dot{\log w_k} = 0``. Then
 
     .. math::
         \dot{\text{log\_det}} = \sum_k \rho_k\big(\dot{\log w_k}
@@ -358,9 +365,11 @@ def _chunk_tangents(x, y, log_det, known_dot, shared, solve_for):
     shape = rho.shape[:-1]
     scales, inv_scales = mixture.scales, mixture.inv_scales
     z = (x[..., None] - mixture.means) * inv_scales
-    weight_dot, mean_dot, log_scale_dot = (
+    logit_dot, mean_dot, log_scale_dot = (
         _broadcast_tangent(p, shape) for p in params_dot
     )
+    # The tangent of the softmax normalisation (zero for normalised tangents).
+    weight_dot = logit_dot - _sum_components(mixture.weights * logit_dot)[..., None]
     moved = _sum_components(rho * (mean_dot + z * scales * log_scale_dot))
     weight_term = _sum_components(coefficients.signed_tail_weights * weight_dot)
     # ρ z before the second z: where ρ = 0 and z² overflows, 0, not NaN.

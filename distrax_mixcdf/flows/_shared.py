@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distrax_mixcdf._components import logsumexp_components
 from distrax_mixcdf._validation import check_data, check_fraction, check_int
 from distrax_mixcdf.flows.base import Flow, unrolled
 from distrax_mixcdf.flows.gaussianization import (
@@ -195,13 +196,10 @@ def mixture_params(raw: jax.Array, anchor: float) -> jax.Array:
     log_scales = LOG_SCALE_BOUND * jnp.tanh(log_scales / LOG_SCALE_BOUND)
     if anchor > 0:
         zero = jnp.zeros_like(logits[..., :1])
-        logits = jnp.concatenate(
-            [
-                np.log1p(-anchor) + jax.nn.log_softmax(logits, axis=-1),
-                zero + np.log(anchor),
-            ],
-            axis=-1,
-        )
+        # Unnormalised logits: the anchor's is log(anchor / (1 - anchor)) above
+        # the others' logsumexp, which gives it weight `anchor` after softmax.
+        anchor_logit = np.log(anchor) - np.log1p(-anchor) + logsumexp_components(logits)
+        logits = jnp.concatenate([logits, anchor_logit[..., None]], axis=-1)
         means = jnp.concatenate([means, zero], axis=-1)
         log_scales = jnp.concatenate([log_scales, zero + ANCHOR_LOG_SCALE], axis=-1)
     return jnp.concatenate([logits, means, log_scales], axis=-1)

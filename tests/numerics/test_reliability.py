@@ -247,6 +247,47 @@ def test_per_example_gradients_of_per_element_layers_with_irregular_inputs():
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_element", [False, True], ids=["shared", "per_element"])
+def test_unnormalised_logits_give_the_values_and_gradients_of_their_softmax(
+    per_element,
+):
+    """Logits shifted by ±50 give the map and gradients of ``log_softmax(logits)``.
+
+    The numerics normalise logits inside their loops (forward), per chunk
+    (solver) and in the tangent rule, which must project logit tangents as
+    ``log_softmax``'s JVP does; the reference path gets normalised
+    log-weights and autodiff's ``log_softmax``. Inputs reach both tails'
+    log-space pass and ``|y| = 12``.
+    """
+    rng = np.random.default_rng(11)
+    batch = (N,) if per_element else ()
+    logits, means, log_scales = (
+        jnp.asarray(rng.normal(size=(*batch, K)) * s + c, DTYPE)
+        for s, c in ((1.0, 0.0), (2.0, 0.0), (0.3, -0.3))
+    )
+    shift = jnp.asarray(rng.choice([-50.0, 50.0], size=(*batch, 1)), DTYPE)
+    x = jnp.asarray(rng.normal(size=N) * 3.0, DTYPE).at[:4].set([-60, -25, 25, 60])
+    y = jnp.asarray(rng.normal(size=N) * 3.0, DTYPE).at[:2].set([-12, 12])
+
+    def loss(logits, normalise):
+        if normalise:
+            logits = jax.nn.log_softmax(logits, axis=-1)
+        bijector = dm.MixtureGaussianCDF(logits, means, log_scales)
+        z, ld_fwd = bijector.forward_and_log_det(x)
+        x_hat, ld_inv = bijector.inverse_and_log_det(y)
+        outputs = (z, ld_fwd, x_hat, ld_inv)
+        return jnp.sum(z + 0.5 * ld_fwd) + jnp.sum(x_hat * 0.3 + ld_inv), outputs
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, got), got_grad = run(logits + shift, False)
+    (_, want), want_grad = run(logits, True)
+    for g, w in zip(got, want):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+    assert np.all(np.isfinite(np.asarray(got_grad)))
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+
+
 def test_half_precision_is_computed_in_float32_and_integers_are_promoted():
     layer = _policy_layer()
     x = np.linspace(-8.0, 8.0, N).astype(DTYPE)
