@@ -156,6 +156,11 @@ def mixture_arrays(params: Params) -> Mixture:
     )
 
 
+def _softmax_tangent(logit_dot, weights):
+    """The tangent of ``log_softmax``: ``l̇_k - Σ_j w_j l̇_j`` (zero-sum under ``w``)."""
+    return logit_dot - _sum_components(weights * logit_dot)[..., None]
+
+
 def _sum_components(terms):
     """Sum over the last (component) axis as a matrix-vector product with ones.
 
@@ -318,6 +323,9 @@ def tangents_at(x, y, log_det, params, x_dot, y_dot, params_dot, solve_for):
     # Per-element parameters: each chunk forms its own `Mixture` from its slice,
     # in cache, instead of reading six [N, K] arrays formed beforehand.
     mixture = params if _chunks.has_lanes(params[0], lanes) else mixture_arrays(params)
+    if isinstance(mixture, Mixture):
+        # Shared weights: project the logit tangents once, not per chunk.
+        params_dot = (_softmax_tangent(params_dot[0], mixture.weights), *params_dot[1:])
 
     target = None if elements is None else max(1, elements // rows)
     spread = params_dot
@@ -350,7 +358,8 @@ def _chunk_tangents(x, y, log_det, known_dot, shared, solve_for):
     saved.
     """
     mixture, params_dot, given_params_dot = shared
-    if not isinstance(mixture, Mixture):
+    formed_here = not isinstance(mixture, Mixture)
+    if formed_here:
         mixture = mixture_arrays(mixture)
     per = "latent" if solve_for == "y" else "density"
     if solve_for == "x":
@@ -365,11 +374,11 @@ def _chunk_tangents(x, y, log_det, known_dot, shared, solve_for):
     shape = rho.shape[:-1]
     scales, inv_scales = mixture.scales, mixture.inv_scales
     z = (x[..., None] - mixture.means) * inv_scales
-    logit_dot, mean_dot, log_scale_dot = (
+    weight_dot, mean_dot, log_scale_dot = (
         _broadcast_tangent(p, shape) for p in params_dot
     )
-    # The tangent of the softmax normalisation (zero for normalised tangents).
-    weight_dot = logit_dot - _sum_components(mixture.weights * logit_dot)[..., None]
+    if formed_here:
+        weight_dot = _softmax_tangent(weight_dot, mixture.weights)
     moved = _sum_components(rho * (mean_dot + z * scales * log_scale_dot))
     weight_term = _sum_components(coefficients.signed_tail_weights * weight_dot)
     # ρ z before the second z: where ρ = 0 and z² overflows, 0, not NaN.
