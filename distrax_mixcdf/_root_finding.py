@@ -374,7 +374,8 @@ def _batch_solver(options: SolverOptions, use_table: bool):
     def run(y, params):
         y, params, layout = _chunks.canonical(y, params)
         if not _chunks.has_lanes(params[0], y.shape[1]):
-            params = _normalised(params)  # small: once, before the table
+            # Small: normalised once, before the knot table.
+            params = (log_normalise(params[0]), *params[1:])
         table = None
         if use_table and _uses_table(y, params):
             table = _knot_table(params, options, y.dtype)
@@ -463,17 +464,12 @@ def _run(state, y, params, options, max_iter):
     )
 
 
-def _normalised(params: Params) -> Params:
-    """``params`` with the log-weights normalised (``logsumexp = 0``)."""
-    return log_normalise(params[0]), params[1], params[2]
-
-
 def _solve_chunk(y, shared, options: SolverOptions):
     """`solve` on one chunk of the batch: its own loop, stopping on its own."""
     params, table = shared
     if _chunks.has_lanes(params[0], y.shape[1]):
         # Per-element logits, normalised chunk by chunk, in cache.
-        params = _normalised(params)
+        params = (log_normalise(params[0]), *params[1:])
     # NaN, ±inf and saturated y are solved at 0 and then replaced (`_irregular`).
     # NaN compares False, so it is irregular too.
     regular = jnp.abs(y) <= inverse_reach(params)
@@ -588,7 +584,7 @@ def inverse_and_log_det(
     """
     if options.inverse_grad == "implicit":
         return implicit_inverse(y, params, options)
-    params = (jax.nn.log_softmax(params[0], axis=-1), *params[1:])
+    params = (log_normalise(params[0]), *params[1:])
     if options.inverse_grad == "one_step":
         root = solve(lax.stop_gradient(y), lax.stop_gradient(params), options)[0]
         y_at_root, log_det = forward_and_log_det(root, params)
