@@ -104,14 +104,19 @@ def reduce_components(
     return fold(combine, first, (values[..., 1:],), first.shape)
 
 
+def _finite_max(values: jax.Array) -> jax.Array:
+    """The largest component of ``values [..., K]``; 0 where it is not finite."""
+    largest = reduce_components(jnp.maximum, values)
+    return jnp.where(jnp.isfinite(largest), largest, 0.0)
+
+
 def logsumexp_components(values: jax.Array) -> jax.Array:
     r"""``log Σ_k exp(values_k)`` over the component axis of ``values [..., K]``.
 
     Shifted by the largest entry (0 where it is not finite); an elementwise
     fold, like `reduce_components`.
     """
-    largest = reduce_components(jnp.maximum, values)
-    shift = jnp.where(jnp.isfinite(largest), largest, 0.0)
+    shift = _finite_max(values)
     total = fold(
         lambda s, value: s + jnp.exp(value - shift),
         jnp.zeros((), values.dtype),
@@ -128,7 +133,6 @@ def log_normalise(values: jax.Array) -> jax.Array:
     elementwise normaliser would be fused into, and recomputed by, every
     consumer of every component.
     """
-    largest = reduce_components(jnp.maximum, values)[..., None]
-    shift = jnp.where(jnp.isfinite(largest), largest, 0.0)
+    shift = _finite_max(values)[..., None]
     total = jnp.exp(values - shift) @ jnp.ones(values.shape[-1], values.dtype)
     return values - (shift + jnp.log(total)[..., None])
